@@ -1,0 +1,119 @@
+"""The backend contract: what admission, placement, health and the relay need from an engine.
+
+Every engine adapter (``llamacpp``, ``vllm``, ``openai``) implements :class:`Backend`. The
+contract is deliberately small; anything engine-specific stays inside its adapter module.
+This module holds types only and must not perform I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Mapping
+from typing import ClassVar, Protocol
+
+import msgspec
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base for config and wire structs: unknown keys are errors, values immutable after load."""
+
+
+class Endpoint(enum.StrEnum):
+    """The OpenAI routes a replica may serve; the value is the path under the replica root."""
+
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+    EMBEDDINGS = "/v1/embeddings"
+
+
+class UpstreamCall(msgspec.Struct, frozen=True):
+    """One request to send to a replica.
+
+    ``body`` is the client's JSON forwarded byte for byte, except that ``model`` is patched
+    when the client used an alias the replica does not know.
+    """
+
+    endpoint: Endpoint
+    body: bytes
+    stream: bool
+    request_id: str
+
+
+class ReplicaLoad(msgspec.Struct, frozen=True):
+    """A replica's own view of its load, for placement and the pool health endpoint."""
+
+    running: int
+    waiting: int
+    total_slots: int | None
+
+
+class ReplicaInfo(msgspec.Struct, frozen=True):
+    """What a successful health probe learned about the engine."""
+
+    ready: bool
+    total_slots: int | None = None
+    engine_version: str | None = None
+    detail: str | None = None
+
+
+class UpstreamResponse(Protocol):
+    """A response whose status and headers have arrived; the body is still on the wire.
+
+    The caller owns it and must call :meth:`aclose` exactly once, on every path: that is
+    what closes the upstream connection when a client walks away, so the engine frees
+    its slot.
+    """
+
+    status: int
+    content_type: str
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Raw body bytes as they arrive (no re-chunking, no buffering)."""
+        ...
+
+    async def read(self) -> bytes:
+        """The whole body (non-streaming responses)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    """One replica of one engine, with its own pooled HTTP client."""
+
+    engine: ClassVar[str]
+    replica_id: str
+    endpoints: frozenset[Endpoint]
+    configured_slots: int | None
+    default_slots: ClassVar[int]
+
+    async def start(self) -> None:
+        """Open the pooled client. Must not fail when the engine is still down."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    async def probe(self) -> ReplicaInfo:
+        """One probe of the engine's own health route; raises ``BackendError`` when down."""
+        ...
+
+    async def load(self) -> ReplicaLoad:
+        """The engine's own running/waiting counts, where it exposes them."""
+        ...
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        """Send ``call``; return once status and headers arrived.
+
+        A non-2xx answer is raised as a ``BackendError`` carrying the normalised error
+        body; connection failures are raised as ``BackendUnavailable``.
+        """
+        ...
+
+
+def headers_get(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive header lookup for plain mappings."""
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None

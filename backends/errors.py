@@ -1,0 +1,187 @@
+"""Upstream failures, translated at the boundary into one small hierarchy.
+
+::
+
+    BackendError (replica_id, engine, retryable=False, retry_after_s=None, status=None)
+     ├─ BackendUnavailable   connect refused / reset before headers       retryable
+     ├─ BackendTimeout       no headers within the deadline               retryable
+     ├─ BackendOverloaded    upstream 429/503 (+ its Retry-After)         retryable
+     ├─ BackendFailed        upstream 5xx other than 503                  retryable
+     └─ BackendRejected      upstream 4xx: the client's fault, passed on  not retryable
+
+``retryable`` is explicit per class and defaults to ``False``. Every error carries the body
+the client should see, already in the OpenAI envelope: vLLM and llama.cpp send integer
+``code`` values and their own ``type`` names, which :func:`openai_error_body` normalises.
+This module must not import an HTTP library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+# llama.cpp and vLLM type names -> the OpenAI vocabulary.
+_TYPE_BY_UPSTREAM = {
+    "invalid_request_error": "invalid_request_error",
+    "BadRequestError": "invalid_request_error",
+    "exceed_context_size_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "permission_error": "permission_error",
+    "not_found_error": "invalid_request_error",
+    "NotFoundError": "invalid_request_error",
+    "server_error": "server_error",
+    "InternalServerError": "server_error",
+    "not_supported_error": "invalid_request_error",
+    "unavailable_error": "service_unavailable_error",
+    "ServiceUnavailableError": "service_unavailable_error",
+}
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+def _type_for(status: int, upstream_type: object) -> str:
+    if isinstance(upstream_type, str) and upstream_type in _TYPE_BY_UPSTREAM:
+        return _TYPE_BY_UPSTREAM[upstream_type]
+    if isinstance(upstream_type, str) and upstream_type.endswith("_error"):
+        return upstream_type
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def openai_error_body(status: int, raw: bytes) -> dict[str, Any]:
+    """Normalise any upstream error body to ``{"error": {message, type, param, code}}``.
+
+    Accepts the OpenAI shape, vLLM's (nested, or the older flat ``{"object": "error", ...}``)
+    and llama.cpp's (integer ``code``); anything else becomes a generic message.
+    """
+    try:
+        parsed = _decoder.decode(raw) if raw else None
+    except msgspec.DecodeError:
+        parsed = None
+    inner: dict[str, Any]
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        inner = parsed["error"]
+    elif isinstance(parsed, dict) and ("message" in parsed or parsed.get("object") == "error"):
+        inner = parsed
+    elif isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        inner = {"message": parsed["error"]}
+    else:
+        text = raw[:500].decode("utf-8", "replace").strip() if raw else ""
+        inner = {"message": text or f"upstream returned HTTP {status}"}
+    code = inner.get("code")
+    return {
+        "error": {
+            "message": str(inner.get("message") or f"upstream returned HTTP {status}"),
+            "type": _type_for(status, inner.get("type")),
+            "param": inner.get("param") if isinstance(inner.get("param"), str) else None,
+            "code": code if isinstance(code, str) else None,
+        }
+    }
+
+
+class BackendError(Exception):
+    """A replica failed to serve a call. ``body`` is an OpenAI error envelope."""
+
+    retryable: ClassVar[bool] = False
+    default_status: ClassVar[int] = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        replica_id: str = "",
+        engine: str = "",
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.replica_id = replica_id
+        self.engine = engine
+        self.status = status or self.default_status
+        self.retry_after_s = retry_after_s
+        self.attempts = 1  # set by dispatch when retries were exhausted
+        self.body = body or {
+            "error": {"message": message, "type": _type_for(self.status, None), "param": None,
+                      "code": None}
+        }
+
+    def encoded_body(self) -> bytes:
+        return _encoder.encode(self.body)
+
+
+class BackendUnavailable(BackendError):
+    retryable = True
+    default_status = 502
+
+
+class BackendTimeout(BackendError):
+    retryable = True
+    default_status = 504
+
+
+class BackendOverloaded(BackendError):
+    retryable = True
+    default_status = 503
+
+
+class BackendFailed(BackendError):
+    retryable = True
+    default_status = 502
+
+
+class BackendRejected(BackendError):
+    retryable = False
+    default_status = 400
+
+
+def error_from_status(
+    status: int,
+    raw: bytes,
+    *,
+    replica_id: str,
+    engine: str,
+    retry_after: str | None,
+) -> BackendError:
+    """Map an upstream non-2xx answer to the right class, keeping its status and message."""
+    body = openai_error_body(status, raw)
+    message = body["error"]["message"]
+    retry_after_s = parse_retry_after(retry_after)
+    cls: type[BackendError]
+    if status in (429, 503):
+        cls = BackendOverloaded
+    elif status in (408, 504):
+        cls = BackendTimeout
+    elif status >= 500:
+        cls = BackendFailed
+    elif status == 409:
+        cls = BackendFailed  # a conflict is transient by OpenAI convention; try again
+    else:
+        cls = BackendRejected
+    return cls(message, replica_id=replica_id, engine=engine, status=status,
+               retry_after_s=retry_after_s, body=body)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header; HTTP-dates are treated as unknown."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

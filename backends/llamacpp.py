@@ -1,0 +1,48 @@
+"""Engine ``llamacpp``: llama.cpp's ``llama-server``.
+
+Readiness comes from ``GET /health`` (503 "Loading model" while the weights load, 200
+after); slots from ``GET /props`` ``total_slots`` (= ``--parallel``); the engine version
+from ``build_info``; load from ``GET /slots`` where it is enabled.
+"""
+
+from __future__ import annotations
+
+from backends.base import ReplicaInfo, ReplicaLoad
+from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
+
+
+class LlamaCppReplicaConfig(HttpReplicaConfig, tag="llamacpp"):
+    """llama-server needs nothing beyond the common keys."""
+
+
+class LlamaCppBackend(OpenAICompatBackend):
+    engine = "llamacpp"
+    default_slots = 1
+
+    async def probe(self) -> ReplicaInfo:
+        status, raw = await self.get("/health")
+        if status != 200:
+            body = decode_json(raw)
+            detail = f"HTTP {status}"
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                detail = str(body["error"].get("message", detail))
+            return ReplicaInfo(ready=False, detail=detail)
+        status, raw = await self.get("/props")
+        props = decode_json(raw) if status == 200 else None
+        if not isinstance(props, dict):
+            return ReplicaInfo(ready=True)
+        slots = props.get("total_slots")
+        build = props.get("build_info")
+        return ReplicaInfo(
+            ready=True,
+            total_slots=slots if isinstance(slots, int) and slots > 0 else None,
+            engine_version=build if isinstance(build, str) else None,
+        )
+
+    async def load(self) -> ReplicaLoad:
+        status, raw = await self.get("/slots")
+        slots = decode_json(raw) if status == 200 else None
+        if not isinstance(slots, list):
+            return ReplicaLoad(running=0, waiting=0, total_slots=self.configured_slots)
+        running = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+        return ReplicaLoad(running=running, waiting=0, total_slots=len(slots))

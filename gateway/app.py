@@ -1,0 +1,130 @@
+"""create_app(config) -> Litestar: routes, auth, CORS, error rendering and lifespan. Wiring
+only; behaviour lives in the modules it wires."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TextIO
+
+from litestar import Litestar, Request, Response, asgi
+from litestar.config.cors import CORSConfig
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+
+from backends.base import Endpoint
+from gateway import __version__
+from gateway.auth import TokenCheck
+from gateway.config import Config
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+)
+from gateway.logging import AccessLog
+from gateway.routes.control import control_handlers
+from gateway.routes.openai import OpenAIProxy
+from gateway.state import GatewayState
+
+log = logging.getLogger("orchgate")
+
+
+def _render(error: GatewayError) -> Response[dict[str, Any]]:
+    return Response(error.envelope(), status_code=error.status, headers=error.headers)
+
+
+def _gateway_error_handler(_: Request[Any, Any, Any], exc: GatewayError) -> Response[Any]:
+    return _render(exc)
+
+
+def _http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if status == 404:
+        return _render(NotFound("Unknown path; see GET /v1/models and the README for routes"))
+    if status == 405:
+        return _render(MethodNotAllowed("method not allowed for this route"))
+    if 400 <= status < 500:
+        error = InvalidRequest(str(exc.detail))
+        response = _render(error)
+        response.status_code = status
+        return response
+    log.error("unhandled HTTP exception %s", status)
+    return _render(InternalError("internal gateway error"))
+
+
+def _unhandled_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error", exc_info=exc)
+    return _render(InternalError("internal gateway error"))
+
+
+def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
+    def route(endpoint: Endpoint, name: str) -> Any:
+        async def handler(scope: Any, receive: Any, send: Any) -> None:
+            await proxy.proxy(endpoint, scope, receive, send)
+
+        path = endpoint.value
+        return asgi(path=[path, path.removeprefix("/v1")], name=name)(handler)
+
+    async def models(scope: Any, receive: Any, send: Any) -> None:
+        await proxy.models(scope, receive, send)
+
+    return [
+        route(Endpoint.CHAT, "chat_completions"),
+        route(Endpoint.COMPLETIONS, "completions"),
+        route(Endpoint.EMBEDDINGS, "embeddings"),
+        asgi(path=["/v1/models", "/models"], name="models")(models),
+    ]
+
+
+def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Litestar:
+    state = GatewayState(config)
+    auth = TokenCheck(config.auth.token)
+    access_log = AccessLog(enabled=config.server.access_log, stream=access_log_stream)
+    proxy = OpenAIProxy(state, auth, access_log)
+
+    def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        if connection.scope["path"].startswith("/v1/"):
+            auth.check(connection.headers.get("authorization", "").encode() or None)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    cors = None
+    if config.server.cors.allow_origins:
+        cors = CORSConfig(
+            allow_origins=config.server.cors.allow_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials=config.server.cors.allow_credentials,
+            expose_headers=["x-request-id", "x-orchgate-replica", "x-orchgate-attempts",
+                            "retry-after", "retry-after-ms", "x-backoff-ms"],
+            max_age=config.server.cors.max_age_s,
+        )
+
+    app = Litestar(
+        route_handlers=[*_openai_routes(proxy), *control_handlers(state)],
+        guards=[require_token],
+        lifespan=[lifespan],
+        cors_config=cors,
+        request_max_body_size=config.server.max_body_bytes,
+        exception_handlers={
+            GatewayError: _gateway_error_handler,
+            HTTPException: _http_exception_handler,
+            Exception: _unhandled_handler,
+        },
+        openapi_config=OpenAPIConfig(title="orchgate", version=__version__, path="/schema"),
+        logging_config=None,
+        debug=False,
+    )
+    app.state.gateway = state
+    return app

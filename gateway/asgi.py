@@ -1,0 +1,98 @@
+"""Raw ASGI plumbing for the hot path: read a bounded body, send a response, watch for the
+client leaving. The OpenAI data plane uses these instead of Litestar's request/response
+objects, which would decode and re-encode every body (see README, "Performance")."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.errors import BodyTooLarge, GatewayError, InvalidRequest, openai_error_bytes
+
+Scope = dict[str, Any]
+Headers = list[tuple[bytes, bytes]]
+
+JSON = b"application/json"
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """First value of a request header; ``name`` must be lower-case."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
+    """The whole request body, refusing more than ``limit`` bytes without reading it all."""
+    length = header(scope, b"content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise InvalidRequest("invalid Content-Length header") from None
+        if declared > limit:
+            raise BodyTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds the {limit}-byte limit")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_bytes(send: Any, status: int, body: bytes, headers: Headers,
+                     content_type: bytes = JSON) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Any, error: GatewayError, headers: Headers) -> None:
+    extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send_bytes(send, error.status, openai_error_bytes(error), headers + extra)
+
+
+class DisconnectWatch:
+    """Cancels the request task when the client disconnects, in any phase: queued, waiting
+    for the upstream's first byte, or streaming. ``finish()`` must be called before the
+    final send, because the server reports completion as a disconnect too."""
+
+    __slots__ = ("_task", "_watcher", "disconnected", "finished")
+
+    def __init__(self, receive: Any) -> None:
+        self.disconnected = False
+        self.finished = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished and self._task is not None:
+                    self.disconnected = True
+                    self._task.cancel()
+                return
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        self.finished = True
+        self._watcher.cancel()
+        if self.disconnected and self._task is not None:
+            self._task.uncancel()

@@ -1,0 +1,74 @@
+"""The ``orchgate`` command: ``serve`` and ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.config import Config, ConfigError, load_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logging import configure_logging
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if not config.pools:
+        print("orchgate: the config defines no [[pools]]; nothing to serve", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level.upper())
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"orchgate: invalid config: {exc}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    replicas = sum(len(p.replicas) for p in config.pools)
+    print(f"{args.config}: OK ({len(config.pools)} pools, {replicas} replicas, "
+          f"bind {config.server.bind}, auth {'on' if config.auth.token else 'off'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", "-c", required=True, help="path to orchgate.toml")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config", help="path to orchgate.toml")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

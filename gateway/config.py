@@ -1,0 +1,142 @@
+"""The TOML config, parsed into closed msgspec Structs. Invalid config never starts.
+
+Unknown keys, wrong types and missing required keys are rejected with the key's path
+(``pools[0].replicas[1].engin``); cross-field rules (unique ids, model names owned by one
+pool, a token for a non-loopback bind) are checked after decoding. ``ORCHGATE_API_TOKEN``
+overrides ``[auth] token``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from backends.base import Strict
+from backends.registry import ReplicaConfig
+
+TOKEN_ENV = "ORCHGATE_API_TOKEN"
+
+
+class ConfigError(Exception):
+    """Config that must not be applied; the message names the file and the key."""
+
+
+class CorsConfig(Strict):
+    """Off unless ``allow_origins`` is set. Preflights pass without auth and reflect any
+    requested header (the OpenAI JS SDK sends ``X-Stainless-*``)."""
+
+    allow_origins: list[str] = []
+    allow_credentials: bool = False
+    max_age_s: Annotated[int, Meta(ge=0)] = 600
+
+
+class ServerConfig(Strict):
+    bind: str = "127.0.0.1:8080"
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
+    cors: CorsConfig = CorsConfig()
+    access_log: bool = True
+
+
+class AuthConfig(Strict):
+    token: str | None = None
+
+
+class PoolConfig(Strict):
+    id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    models: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+    replicas: Annotated[list[ReplicaConfig], Meta(min_length=1)]
+    queue_capacity: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
+    queue_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
+    health_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+
+
+class Config(Strict):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    pools: list[PoolConfig] = []
+
+    @property
+    def host(self) -> str:
+        return split_bind(self.server.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return split_bind(self.server.bind)[1]
+
+
+_BIND = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    match = _BIND.match(bind)
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"server.bind: expected HOST:PORT, got {bind!r}")
+    return match["v6"] or match["host"], int(match["port"])
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check(config: Config) -> None:
+    host, _ = split_bind(config.server.bind)
+    if not is_loopback(host) and not config.auth.token:
+        raise ConfigError(
+            f"server.bind is {config.server.bind!r}, which is not loopback, and no token is "
+            f"set: refusing to serve without auth. Set [auth] token or {TOKEN_ENV}, or bind "
+            "127.0.0.1."
+        )
+    owner: dict[str, str] = {}
+    replica_ids: set[str] = set()
+    for i, pool in enumerate(config.pools):
+        if pool.id in {p.id for p in config.pools[:i]}:
+            raise ConfigError(f"pools[{i}].id: duplicate pool id {pool.id!r}")
+        for name in pool.models:
+            if name in owner:
+                raise ConfigError(
+                    f"pools[{i}].models: {name!r} is already served by pool {owner[name]!r}"
+                )
+            owner[name] = pool.id
+        for j, replica in enumerate(pool.replicas):
+            if replica.id in replica_ids:
+                raise ConfigError(f"pools[{i}].replicas[{j}].id: duplicate replica id {replica.id!r}")
+            replica_ids.add(replica.id)
+
+
+def parse_config(data: str | bytes, *, source: str = "<config>",
+                 env: dict[str, str] | None = None) -> Config:
+    """Decode and validate TOML text; apply the token override from ``env``."""
+    try:
+        config = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    token = (os.environ if env is None else env).get(TOKEN_ENV)
+    if token:
+        config = msgspec.structs.replace(config, auth=AuthConfig(token=token))
+    try:
+        _check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: str | Path, *, env: dict[str, str] | None = None) -> Config:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return parse_config(data, source=str(path), env=env)

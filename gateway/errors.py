@@ -1,0 +1,114 @@
+"""Errors the gateway itself produces, and how each surface renders them.
+
+Every ``GatewayError`` carries its own status, OpenAI ``type``/``code``/``param`` and extra
+headers, so renderers never branch on who raised it. The OpenAI surface renders
+``{"error": {"message", "type", "param", "code"}}``; nothing ever renders a traceback or a
+framework-default body.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+from backends.errors import BackendError
+
+_encoder = msgspec.json.Encoder()
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidJson(InvalidRequest):
+    code = "invalid_json"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "invalid_api_key"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class QueueFullError(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class PoolUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "pool_unavailable"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+def openai_error_bytes(error: GatewayError) -> bytes:
+    return _encoder.encode(error.envelope())
+
+
+def backend_error_status(error: BackendError) -> int:
+    """The status a client sees for an upstream failure that exhausted the retries."""
+    return error.status if 400 <= error.status < 600 else 502
+
+
+def backoff_headers(retry_after_s: float) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, 1..120) plus the millisecond forms clients read."""
+    from policies.estimates import retry_after_seconds
+
+    seconds = retry_after_seconds(retry_after_s)
+    millis = str(max(1, int(retry_after_s * 1000)))
+    return {"Retry-After": str(seconds), "X-Backoff-Ms": millis, "retry-after-ms": millis}

@@ -1,0 +1,78 @@
+"""Control plane: ``GET /health`` (liveness + per-pool readiness) and
+``GET /v1/pools/{id}/health`` (``{live, ready, draining, metrics}`` from each replica's own
+health and load)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Response, get
+
+from backends.base import ReplicaLoad
+from backends.errors import BackendError
+from gateway.errors import NotFound
+from gateway.state import GatewayState, PoolRuntime
+from policies.admission import Priority
+from policies.replicas import ReplicaState
+
+_LOAD_TIMEOUT_S = 1.0
+
+
+def pool_summary(pool: PoolRuntime) -> dict[str, Any]:
+    return {
+        "ready": pool.queue.is_ready(),
+        "engine": pool.engine,
+        "models": pool.config.models,
+        "replicas_ready": sum(1 for r in pool.replicas if r.ready),
+        "replicas_total": len(pool.replicas),
+        "queue_depth": pool.queue.depth(),
+        "slots_in_use": pool.queue.in_use(),
+        "slots_ready": pool.queue.ready_slots(),
+    }
+
+
+async def _engine_load(replica: ReplicaState) -> ReplicaLoad | None:
+    if not replica.ready:
+        return None
+    try:
+        return await asyncio.wait_for(replica.backend.load(), _LOAD_TIMEOUT_S)
+    except (BackendError, TimeoutError):
+        return None
+
+
+def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, Any]:
+    return {
+        "id": replica.replica_id,
+        "engine": replica.engine,
+        "engine_version": replica.engine_version,
+        "ready": replica.ready,
+        "detail": replica.detail,
+        "slots": replica.slots,
+        "slots_in_use": replica.in_use,
+        "engine_running": None if load is None else load.running,
+        "engine_waiting": None if load is None else load.waiting,
+    }
+
+
+def control_handlers(state: GatewayState) -> list[Any]:
+    @get("/health")
+    async def health() -> Response[dict[str, Any]]:
+        pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
+        ready = all(p["ready"] for p in pools.values())
+        return Response({"status": "ok" if ready else "unready", "live": True, "ready": ready,
+                         "pools": pools}, status_code=200 if ready else 503)
+
+    @get("/v1/pools/{pool_id:str}/health")
+    async def pool_health(pool_id: str) -> dict[str, Any]:
+        pool = state.pools.get(pool_id)
+        if pool is None:
+            raise NotFound(f"no pool {pool_id!r}", param="pool_id")
+        loads = await asyncio.gather(*(_engine_load(r) for r in pool.replicas))
+        metrics = pool_summary(pool)
+        metrics["queue_depth_by_priority"] = {p.value: pool.queue.depth(p) for p in Priority}
+        metrics["replicas"] = [_replica_view(r, load) for r, load in zip(pool.replicas, loads)]
+        return {"live": True, "ready": pool.queue.is_ready(), "draining": False,
+                "metrics": metrics}
+
+    return [health, pool_health]

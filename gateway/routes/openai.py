@@ -1,0 +1,223 @@
+"""The OpenAI data plane: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Raw ASGI handlers on the hot path: the body is read once, only the routing fields are
+decoded (``gateway.wire``), and upstream bytes go back untouched. Errors before the first
+byte are OpenAI envelopes with the right status; after it, in-band SSE errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import Any
+
+from backends.base import Endpoint, UpstreamCall
+from backends.errors import BackendError, BackendOverloaded
+from gateway.asgi import DisconnectWatch, Headers, header, read_body, send_bytes, send_error
+from gateway.auth import TokenCheck
+from gateway.dispatch import Committed, dispatch
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    PoolUnavailable,
+    QueueFullError,
+    backend_error_status,
+    backoff_headers,
+)
+from gateway.logging import AccessLog, AccessRecord
+from gateway.state import GatewayState, PoolRuntime
+from gateway.streaming import DONE, error_event, relay_rest
+from gateway.wire import parse_routing_view, with_model
+from policies.admission import AdmissionError, Priority, QueueFull
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_PRIORITIES = {p.value.encode(): p for p in Priority}
+
+
+def request_id(scope: dict[str, Any]) -> str:
+    """The client's ``X-Request-Id`` when it is sane, else a fresh one."""
+    given = header(scope, b"x-request-id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+def parse_priority(value: bytes | None) -> Priority:
+    if value is None:
+        return Priority.INTERACTIVE
+    priority = _PRIORITIES.get(value.strip().lower())
+    if priority is None:
+        raise InvalidRequest("X-Priority must be 'interactive' or 'batch'", param="X-Priority")
+    return priority
+
+
+def admission_error(error: AdmissionError) -> GatewayError:
+    headers = backoff_headers(error.retry_after_s)
+    if isinstance(error, QueueFull):
+        return QueueFullError(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
+    return PoolUnavailable(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
+
+
+class _Exchange:
+    """Per-request bookkeeping for the access log."""
+
+    __slots__ = ("attempts", "events", "first_byte", "pool", "replica", "engine", "status",
+                 "error")
+
+    def __init__(self) -> None:
+        self.status = 500
+        self.pool: str | None = None
+        self.replica: str | None = None
+        self.engine: str | None = None
+        self.attempts: int | None = None
+        self.first_byte: float | None = None
+        self.events: int | None = None
+        self.error: str | None = None
+
+
+class OpenAIProxy:
+    def __init__(self, state: GatewayState, auth: TokenCheck, access_log: AccessLog) -> None:
+        self.state = state
+        self.auth = auth
+        self.log = access_log
+        self.max_body = state.config.server.max_body_bytes
+
+    def pool_for(self, model: str) -> PoolRuntime:
+        pool_id = self.state.models.pool_for(model)
+        if pool_id is None:
+            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+        return self.state.pools[pool_id]
+
+    # -- GET /v1/models ------------------------------------------------------------------
+    async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        rid = request_id(scope)
+        headers: Headers = [(b"x-request-id", rid.encode())]
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise MethodNotAllowed("use GET for this route")
+            self.auth.check(header(scope, b"authorization"))
+        except GatewayError as error:
+            await send_error(send, error, headers)
+            return
+        await send_bytes(send, 200, self.state.models_body, headers)
+
+    # -- POST chat / completions / embeddings --------------------------------------------
+    async def proxy(self, endpoint: Endpoint, scope: dict[str, Any], receive: Any,
+                    send: Any) -> None:
+        started = time.perf_counter()
+        rid = request_id(scope)
+        headers: Headers = [(b"x-request-id", rid.encode())]
+        ex = _Exchange()
+        watch: DisconnectWatch | None = None
+        committed: Committed | None = None
+        try:
+            try:
+                if scope["method"] != "POST":
+                    raise MethodNotAllowed("use POST for this route")
+                self.auth.check(header(scope, b"authorization"))
+                body = await read_body(scope, receive, self.max_body)
+                view = parse_routing_view(body, endpoint)
+                model: str = view.model  # type: ignore[assignment]  # checked by the view
+                pool = self.pool_for(model)
+                priority = parse_priority(header(scope, b"x-priority"))
+                stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
+                ex.pool, ex.engine = pool.id, pool.engine
+                patched: dict[str, bytes] = {}
+
+                def make_call(replica_id: str) -> UpstreamCall:
+                    target = pool.upstream_model[replica_id]
+                    payload = body
+                    if target != model:
+                        payload = patched.get(target) or patched.setdefault(
+                            target, with_model(body, target))
+                    return UpstreamCall(endpoint, payload, stream, rid)
+
+                watch = DisconnectWatch(receive)
+                committed = await dispatch(pool, priority, make_call)
+            except AdmissionError as error:
+                raise admission_error(error) from None
+            ex.replica = committed.lease.replica.replica_id
+            ex.attempts = committed.attempts
+            headers += [(b"x-orchgate-replica", ex.replica.encode()),
+                        (b"x-orchgate-attempts", str(committed.attempts).encode())]
+            ex.status = 200
+            if committed.batches is not None:
+                await self._stream(committed, send, headers, watch, ex, started)
+            else:
+                response_body = await committed.upstream.read()
+                ex.first_byte = time.perf_counter()
+                watch.finish()
+                await send_bytes(send, committed.upstream.status, response_body, headers,
+                                 committed.upstream.content_type.encode())
+                ex.status = committed.upstream.status
+        except GatewayError as error:
+            ex.status, ex.error = error.status, error.code
+            await send_error(send, error, headers)
+        except BackendError as error:
+            await self._send_backend_error(send, error, headers, ex)
+        except asyncio.CancelledError:
+            if watch is None or not watch.disconnected:
+                raise
+            ex.status, ex.error = 499, "client_disconnected"
+        finally:
+            if watch is not None:
+                watch.close()
+            if committed is not None:
+                await committed.aclose()
+            self._log(scope, rid, ex, started)
+
+    async def _stream(self, committed: Committed, send: Any, headers: Headers,
+                      watch: DisconnectWatch, ex: _Exchange, started: float) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": _SSE_HEADERS + headers})
+        await send({"type": "http.response.body", "body": committed.first, "more_body": True})
+        ex.first_byte = time.perf_counter()
+        assert committed.reader is not None and committed.batches is not None
+        try:
+            async for batch in relay_rest(committed.reader, committed.batches):
+                await send({"type": "http.response.body", "body": batch, "more_body": True})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still end the stream properly
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": error_event(f"gateway error: {type(exc).__name__}") + DONE})
+            ex.error = "internal_error"
+        ex.events = committed.reader.stats.events
+        if committed.reader.stats.failed:
+            ex.error = committed.reader.stats.failed
+        watch.finish()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_backend_error(self, send: Any, error: BackendError, headers: Headers,
+                                  ex: _Exchange) -> None:
+        ex.status = backend_error_status(error)
+        ex.error = "upstream_error"
+        ex.attempts = error.attempts
+        ex.replica = error.replica_id or None
+        extra = [(b"x-orchgate-attempts", str(error.attempts).encode())]
+        if isinstance(error, BackendOverloaded) and error.retry_after_s is not None:
+            extra += [(k.lower().encode(), v.encode())
+                      for k, v in backoff_headers(error.retry_after_s).items()]
+        await send_bytes(send, ex.status, error.encoded_body(), headers + extra)
+
+    def _log(self, scope: dict[str, Any], rid: str, ex: _Exchange, started: float) -> None:
+        if not self.log.enabled:
+            return
+        end = time.perf_counter()
+        self.log.write(AccessRecord(
+            ts=time.time(), method=scope["method"], path=scope["path"], status=ex.status,
+            duration_ms=round((end - started) * 1000, 3), request_id=rid, pool=ex.pool,
+            replica=ex.replica, engine=ex.engine, attempts=ex.attempts,
+            ttfb_ms=None if ex.first_byte is None else round((ex.first_byte - started) * 1000, 3),
+            events=ex.events, error=ex.error,
+        ))
+

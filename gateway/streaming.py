@@ -1,0 +1,124 @@
+"""SSE relay: upstream bytes to the client, event for event, never merged or re-split.
+
+Events are cut only at their ``\\n\\n`` boundary, so a client always receives whole events
+exactly as the engine wrote them (several events that arrived in one read go out in one
+write; no event is ever split across writes by us). The relay also:
+
+* holds the response until the first whole event, so a failure before it can still be
+  retried elsewhere (:func:`first_events`);
+* translates llama.cpp's non-standard ``error:`` SSE field, which OpenAI clients silently
+  drop, into ``data: {"error": ...}``;
+* ends a stream that failed or stopped without ``[DONE]`` with an in-band error event and
+  ``data: [DONE]`` -- never a silent truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from backends.base import UpstreamResponse
+from backends.errors import BackendError, BackendFailed, openai_error_body
+
+DONE = b"data: [DONE]\n\n"
+_encoder = msgspec.json.Encoder()
+
+
+class StreamStats:
+    """What the relay saw, for logs and metrics: events relayed and whether it completed."""
+
+    __slots__ = ("done", "events", "failed")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.done = False
+        self.failed: str | None = None
+
+
+def error_event(message: str, *, type_: str = "server_error", code: str | None = None) -> bytes:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + _encoder.encode(body) + b"\n\n"
+
+
+def _translate_error_fields(events: bytes) -> bytes:
+    """Rewrite ``error: {...}`` lines (llama.cpp) as OpenAI in-band ``data:`` errors."""
+    out = []
+    for line in events.split(b"\n"):
+        if line.startswith(b"error:"):
+            payload = line[len(b"error:"):].strip()
+            body = openai_error_body(500, payload)
+            line = b"data: " + _encoder.encode(body)
+        out.append(line)
+    return b"\n".join(out)
+
+
+class SseReader:
+    """Cuts an upstream byte stream into whole-event batches."""
+
+    __slots__ = ("_buffer", "_chunks", "stats")
+
+    def __init__(self, upstream: UpstreamResponse) -> None:
+        self._chunks = upstream.chunks()
+        self._buffer = b""
+        self.stats = StreamStats()
+
+    def _inspect(self, events: bytes) -> bytes:
+        stats = self.stats
+        stats.events += events.count(b"\n\n")
+        if b"error:" in events and (events.startswith(b"error:") or b"\nerror:" in events):
+            events = _translate_error_fields(events)
+        if b"[DONE]" in events:
+            stats.done = True
+        return events
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        """Whole events as they complete; at EOF, any unterminated tail is flushed."""
+        async for data in self._chunks:
+            buffer = self._buffer + data if self._buffer else data
+            cut = buffer.rfind(b"\n\n")
+            if cut < 0:
+                self._buffer = buffer
+                continue
+            cut += 2
+            self._buffer = buffer[cut:]
+            yield self._inspect(buffer[:cut])
+        if self._buffer.strip():
+            tail, self._buffer = self._buffer, b""
+            yield self._inspect(tail + b"\n\n")
+
+
+async def first_events(reader: SseReader, batches: AsyncIterator[bytes]) -> bytes:
+    """The first batch of whole events; a failure here is still retryable.
+
+    Raises ``BackendFailed`` if the stream ends before any event or opens with an in-band
+    error (vLLM and llama.cpp both report some failures that way).
+    """
+    try:
+        first = await anext(batches)
+    except StopAsyncIteration:
+        raise BackendFailed("upstream closed the stream before the first event") from None
+    if first.startswith(b'data: {"error"'):
+        raise BackendFailed("upstream stream opened with an error event",
+                            body=openai_error_body(502, first[6:].split(b"\n", 1)[0]))
+    return first
+
+
+async def relay_rest(reader: SseReader, batches: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Everything after the first batch, ending in ``[DONE]`` even when the upstream fails."""
+    stats = reader.stats
+    try:
+        async for batch in batches:
+            yield batch
+    except BackendError as exc:
+        stats.failed = "upstream_lost"
+        yield error_event(f"upstream failed mid-stream: {exc.message}",
+                          code="upstream_stream_error")
+        yield DONE
+        return
+    if not stats.done:
+        stats.failed = "upstream_truncated"
+        yield error_event("upstream ended the stream without [DONE]",
+                          code="upstream_stream_truncated")
+        yield DONE
+

@@ -1,0 +1,87 @@
+"""What the gateway reads of a client's body: only the fields needed to route it.
+
+Everything else (tools, response_format, images, seed, vendor extras) is never decoded and
+is forwarded byte for byte. The decoders and encoders are created once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from backends.base import Endpoint
+from gateway.errors import InvalidJson, InvalidRequest
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class RoutingView(msgspec.Struct):
+    """The routing-relevant subset of a chat, completions or embeddings body."""
+
+    model: Annotated[str, Meta(min_length=1)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # Raw: presence and shape are checked without decoding the (possibly large) content.
+    messages: msgspec.Raw = msgspec.Raw()
+    prompt: msgspec.Raw = msgspec.Raw()
+    input: msgspec.Raw = msgspec.Raw()
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+
+
+_view_decoder = msgspec.json.Decoder(RoutingView)
+_any_decoder = msgspec.json.Decoder()
+encoder = msgspec.json.Encoder()
+
+_REQUIRED = {
+    Endpoint.CHAT: "messages",
+    Endpoint.COMPLETIONS: "prompt",
+    Endpoint.EMBEDDINGS: "input",
+}
+
+
+def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
+    """Decode and check the routing fields; raise ``InvalidRequest`` with the field named."""
+    if not body:
+        raise InvalidJson("the request body is empty; expected a JSON object")
+    try:
+        view = _view_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message, _, path = str(exc).partition(" - at `$.")
+        param = path.rstrip("`").split(".")[0].split("[")[0] or None
+        if message.startswith("Expected `object`"):
+            raise InvalidJson("the request body must be a JSON object") from None
+        raise InvalidRequest(f"invalid field {param!r}: {message}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
+    if view.model is None:
+        raise InvalidRequest("missing required field 'model'", param="model")
+    required = _REQUIRED[endpoint]
+    raw: msgspec.Raw = getattr(view, required)
+    if not raw or bytes(raw) == b"null":
+        raise InvalidRequest(f"missing required field {required!r}", param=required)
+    if endpoint is Endpoint.CHAT and not bytes(raw).startswith(b"["):
+        raise InvalidRequest("'messages' must be an array", param="messages")
+    return view
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The body with ``model`` replaced (aliases only); every other field kept as is."""
+    decoded: dict[str, Any] = _any_decoder.decode(body)
+    decoded["model"] = model
+    return encoder.encode(decoded)
+
+
+def models_list(names: list[tuple[str, str, str]], created: int) -> bytes:
+    """``GET /v1/models``: OpenAI list shape; ``(id, canonical, pool)`` per name."""
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "orchgate",
+         "root": canonical, "pool": pool}
+        for name, canonical, pool in names
+    ]
+    return encoder.encode({"object": "list", "data": data})

@@ -1,0 +1,4 @@
+"""Decisions: admission, placement and estimates. Pure where possible; no HTTP.
+
+May import ``backends`` types; must not import ``gateway``.
+"""

@@ -1,0 +1,200 @@
+"""Admission: one bounded, two-priority queue per pool in front of its replicas' slots.
+
+``interactive`` is served strictly before ``batch``; FIFO within a priority. Capacity counts
+waiting requests only (running ones hold a slot, not a place). The full policy is *reject*:
+:class:`QueueFull` carries the wait estimate the caller turns into ``Retry-After``.
+
+Concurrency invariant: granting (choose a replica, ``in_use += 1``) never awaits, so the
+single event loop is the only lock. A waiter whose task is cancelled (client gone, task
+cancelled) is removed and never granted; if it was granted in the same loop turn, the slot
+is given straight back.
+
+Must not do I/O or know about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+
+from policies.estimates import ServiceRate
+from policies.placement import choose_replica
+from policies.replicas import ReplicaState
+
+
+class Priority(enum.StrEnum):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+class AdmissionError(Exception):
+    """Base for refusals; ``retry_after_s`` is the caller's best estimate for a retry."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(AdmissionError):
+    """Every place in the queue is taken."""
+
+
+class PoolUnready(AdmissionError):
+    """No replica of the pool is ready (starting, loading a model, or down)."""
+
+
+class QueueTimeout(AdmissionError):
+    """The request waited longer than the pool's queue timeout."""
+
+
+class Lease:
+    """One reserved slot on one replica. ``release`` is idempotent."""
+
+    __slots__ = ("_queue", "_released", "replica", "started_at")
+
+    def __init__(self, queue: AdmissionQueue, replica: ReplicaState, started_at: float) -> None:
+        self._queue = queue
+        self.replica = replica
+        self.started_at = started_at
+        self._released = False
+
+    def release(self, *, observe: bool = True) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._queue._on_release(self, observe=observe)
+
+
+class _Waiter:
+    __slots__ = ("avoid", "future", "priority")
+
+    def __init__(self, future: asyncio.Future[Lease], priority: Priority,
+                 avoid: Collection[str]) -> None:
+        self.future = future
+        self.priority = priority
+        self.avoid = avoid
+
+
+class AdmissionQueue:
+    def __init__(
+        self,
+        replicas: Sequence[ReplicaState],
+        *,
+        capacity: int,
+        queue_timeout_s: float,
+        unready_retry_s: float = 2.0,
+        rate: ServiceRate | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.replicas = replicas
+        self.capacity = capacity
+        self.queue_timeout_s = queue_timeout_s
+        self.unready_retry_s = unready_retry_s
+        self.rate = rate or ServiceRate()
+        self._clock = clock
+        self._waiting: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
+
+    # -- observation -------------------------------------------------------------------
+    def depth(self, priority: Priority | None = None) -> int:
+        if priority is not None:
+            return len(self._waiting[priority])
+        return sum(len(q) for q in self._waiting.values())
+
+    def in_use(self) -> int:
+        return sum(r.in_use for r in self.replicas)
+
+    def ready_slots(self) -> int:
+        return sum(r.slots for r in self.replicas if r.ready)
+
+    def is_ready(self) -> bool:
+        return any(r.ready for r in self.replicas)
+
+    def position_of(self, priority: Priority) -> int:
+        """1-based queue position a request of ``priority`` would take now."""
+        ahead = len(self._waiting[Priority.INTERACTIVE])
+        if priority is Priority.BATCH:
+            ahead += len(self._waiting[Priority.BATCH])
+        return ahead + 1
+
+    def wait_estimate_s(self, position: int) -> float:
+        return self.rate.wait_s(position, self.ready_slots() or 1)
+
+    # -- acquire / release ---------------------------------------------------------------
+    async def acquire(self, priority: Priority, *, avoid: Collection[str] = ()) -> Lease:
+        """A lease on the least-loaded ready replica, waiting in the queue if needed."""
+        if not self.is_ready():
+            raise PoolUnready("no replica of this pool is ready", retry_after_s=self.unready_retry_s)
+        if not self._has_waiters_ahead(priority):
+            replica = choose_replica(self.replicas, avoid)
+            if replica is not None:
+                return self._grant(replica)
+        if self.depth() >= self.capacity:
+            wait = self.wait_estimate_s(self.depth() + 1)
+            raise QueueFull("the pool's queue is full", retry_after_s=wait)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, avoid)
+        self._waiting[priority].append(waiter)
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                return await waiter.future
+        except BaseException as exc:
+            self._abandon(waiter)
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout(
+                    f"waited {self.queue_timeout_s:g}s in the queue without a free slot",
+                    retry_after_s=self.wait_estimate_s(self.depth() + 1),
+                ) from None
+            raise
+
+    def pump(self) -> None:
+        """Grant free slots to waiters, interactive strictly first. Call after capacity grows
+        (a replica became ready or discovered more slots)."""
+        for priority in Priority:
+            queue = self._waiting[priority]
+            while queue:
+                waiter = queue[0]
+                if waiter.future.done():
+                    queue.popleft()
+                    continue
+                replica = choose_replica(self.replicas, waiter.avoid)
+                if replica is None:
+                    return  # no slot: nobody behind this waiter may jump ahead
+                queue.popleft()
+                waiter.future.set_result(self._grant(replica))
+
+    def fail_waiters(self, error: AdmissionError) -> None:
+        """Refuse every waiting request (the pool lost its last ready replica)."""
+        for queue in self._waiting.values():
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+
+    # -- internals -----------------------------------------------------------------------
+    def _has_waiters_ahead(self, priority: Priority) -> bool:
+        if self._waiting[Priority.INTERACTIVE]:
+            return True
+        return priority is Priority.BATCH and bool(self._waiting[Priority.BATCH])
+
+    def _grant(self, replica: ReplicaState) -> Lease:
+        replica.in_use += 1
+        return Lease(self, replica, self._clock())
+
+    def _on_release(self, lease: Lease, *, observe: bool) -> None:
+        lease.replica.in_use -= 1
+        if observe:
+            self.rate.observe(self._clock() - lease.started_at)
+        self.pump()
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        future = waiter.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            future.result().release(observe=False)  # granted in the same turn it was cancelled
+        else:
+            future.cancel()
+            try:
+                self._waiting[waiter.priority].remove(waiter)
+            except ValueError:
+                pass
