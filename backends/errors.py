@@ -54,6 +54,8 @@ _TYPE_BY_STATUS = {
 
 
 def _type_for(status: int, upstream_type: object) -> str:
+    if status == 429:
+        return "rate_limit_error"
     if isinstance(upstream_type, str) and upstream_type in _TYPE_BY_UPSTREAM:
         return _TYPE_BY_UPSTREAM[upstream_type]
     if isinstance(upstream_type, str) and upstream_type.endswith("_error"):

@@ -28,7 +28,7 @@ from gateway.errors import (
 )
 from gateway.logging import AccessLog
 from gateway.routes.control import control_handlers
-from gateway.routes.openai import OpenAIProxy
+from gateway.routes.openai import OpenAIProxy, request_id
 from gateway.state import GatewayState
 
 log = logging.getLogger("orchgate")
@@ -60,6 +60,18 @@ def _http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Re
 def _unhandled_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error", exc_info=exc)
     return _render(InternalError("internal gateway error"))
+
+
+async def _ensure_request_id(message: Any, scope: Any) -> None:
+    """Every response carries ``x-request-id``; the data plane sets its own, the rest of the
+    surface (control routes, framework 404/405s) gets one here."""
+    if message["type"] != "http.response.start":
+        return
+    headers = message.setdefault("headers", [])
+    for key, _ in headers:
+        if key.lower() == b"x-request-id":
+            return
+    headers.append((b"x-request-id", request_id(scope).encode()))
 
 
 def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
@@ -116,6 +128,7 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Li
         guards=[require_token],
         lifespan=[lifespan],
         cors_config=cors,
+        before_send=[_ensure_request_id],
         request_max_body_size=config.server.max_body_bytes,
         exception_handlers={
             GatewayError: _gateway_error_handler,

@@ -133,6 +133,20 @@ def parse_config(data: str | bytes, *, source: str = "<config>",
     return config
 
 
+def config_from_mapping(data: dict[str, object], *,
+                        env: dict[str, str] | None = None) -> Config:
+    """Build a config from a mapping shaped like the TOML file (tests, embedded defaults)."""
+    try:
+        config = msgspec.convert(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"<mapping>: {exc}") from None
+    token = (os.environ if env is None else env).get(TOKEN_ENV)
+    if token:
+        config = msgspec.structs.replace(config, auth=AuthConfig(token=token))
+    _check(config)
+    return config
+
+
 def load_config(path: str | Path, *, env: dict[str, str] | None = None) -> Config:
     path = Path(path)
     try:

@@ -59,6 +59,12 @@ def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
         raise InvalidRequest(f"invalid field {param!r}: {message}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
+    if not body.isascii():
+        # msgspec skips unknown fields without validating them; never forward bad UTF-8
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidJson(f"the request body is not valid UTF-8 (byte {exc.start})") from None
     if view.model is None:
         raise InvalidRequest("missing required field 'model'", param="model")
     required = _REQUIRED[endpoint]

@@ -1,0 +1,153 @@
+"""Shared fixtures: real servers on loopback (llama-server, fakes, the gateway itself)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.config import Config, config_from_mapping
+from gateway.state import GatewayState
+from tests.fakes.servers import AiohttpThread, UvicornThread
+from tests.fakes.upstream import FakeUpstream
+from tests.fakes.vllm_sim import VLLMSimulator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import test_assets  # noqa: E402
+
+
+class Gateway:
+    """A running gateway: its base URL and (read-only, from tests) its runtime state."""
+
+    def __init__(self, server: UvicornThread, state: GatewayState, log_path: Path) -> None:
+        self.server = server
+        self.state = state
+        self.log_path = log_path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def slots_in_use(self) -> int:
+        return sum(r.in_use for r in self.state.all_replicas())
+
+    def queue_depth(self) -> int:
+        return sum(p.queue.depth() for p in self.state.pools.values())
+
+
+def pool(pool_id: str, models: list[str], replicas: list[dict[str, Any]],
+         **extra: Any) -> dict[str, Any]:
+    return {"id": pool_id, "models": models, "replicas": replicas, **extra}
+
+
+@contextmanager
+def run_gateway(config: Config | dict[str, Any], tmp_path: Path) -> Iterator[Gateway]:
+    if isinstance(config, dict):
+        config = config_from_mapping(config, env={})
+    log_path = tmp_path / f"access-{time.monotonic_ns()}.log"
+    with open(log_path, "w", buffering=1) as log_stream:
+        app = create_app(config, access_log_stream=log_stream)
+        server = UvicornThread(app)
+        server.start()
+        try:
+            yield Gateway(server, app.state.gateway, log_path)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Any:
+    def factory(config: Config | dict[str, Any]) -> Any:
+        return run_gateway(config, tmp_path)
+    return factory
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[tuple[FakeUpstream, AiohttpThread]]:
+    fake = FakeUpstream()
+    server = AiohttpThread(fake.app)
+    server.start()
+    try:
+        yield fake, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def vllm_sim() -> Iterator[tuple[VLLMSimulator, AiohttpThread]]:
+    sim = VLLMSimulator()
+    server = AiohttpThread(sim.app)
+    server.start()
+    try:
+        yield sim, server
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LlamaServer:
+    def __init__(self, url: str, process: subprocess.Popen[bytes], slots: int) -> None:
+        self.url = url
+        self.process = process
+        self.slots = slots
+
+    def busy_slots(self) -> int:
+        slots = httpx.get(f"{self.url}/slots", timeout=5).json()
+        return sum(1 for slot in slots if slot["is_processing"])
+
+
+def start_llama_server(slots: int, log_path: Path) -> LlamaServer:
+    binary = test_assets.llama_server()
+    model = test_assets.smollm2_model()
+    port = free_port()
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+         "-np", str(slots), "-c", str(1024 * slots), "-t", "2", "--no-webui"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return LlamaServer(url, process, slots)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"llama-server did not become healthy; see {log_path}")
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    server = start_llama_server(4, tmp_path_factory.mktemp("llama") / "llama-server.log")
+    try:
+        yield server
+    finally:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+os.environ.pop("ORCHGATE_API_TOKEN", None)  # a developer's shell must not change test results

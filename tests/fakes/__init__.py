@@ -1,0 +1,1 @@
+"""Small real HTTP servers for tests: fault-injecting upstreams and the vLLM simulator."""

@@ -1,0 +1,138 @@
+"""A scriptable OpenAI-compatible upstream for faults real engines can't produce on demand.
+
+Each request is programmed by a ``"fake"`` object in its own JSON body (which the gateway
+forwards untouched, so every fault test also proves pass-through):
+
+    {"fake": {"mode": "stream", "chunks": 5, "delay_s": 0.01}}
+
+Modes: ``stream`` / ``json`` (normal answers), ``hang`` (accept, never answer),
+``hang_after_headers`` (200 + headers, then nothing), ``status`` (``status``, optional
+``retry_after``, ``body``), ``reset_before_headers``, ``reset_after`` (reset after
+``chunks`` events), ``error_event`` (in-band error after ``chunks`` events),
+``llamacpp_error`` (llama.cpp's ``error:`` line), ``no_done``.
+
+It records every body it received and every connection that closed before the answer was
+complete (``disconnects``: monotonic timestamps), so tests assert the gateway let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def chunk(i: int, content: str, *, finish: str | None = None) -> bytes:
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
+            "model": "fake", "choices": [{"index": 0, "delta": {"content": content},
+                                          "finish_reason": finish}]}
+    return b"data: " + _encoder.encode(body) + b"\n\n"
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []
+        self.disconnects: list[float] = []
+        self.active = 0
+        self.healthy = True
+        self.reset_posts = False  # health passes but every request is reset: a sick replica
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.healthy:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"error": {"code": 503, "message": "Loading model",
+                                            "type": "unavailable_error"}}, status=503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model",
+                                                               "created": 1, "owned_by": "me"}]})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        self.bodies.append(raw)
+        return web.json_response({"object": "list", "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            "model": "fake", "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        if self.reset_posts:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        self.bodies.append(raw)
+        self.headers.append(dict(request.headers))
+        body = _decoder.decode(raw)
+        spec: dict[str, Any] = body.get("fake") or {}
+        mode = spec.get("mode") or ("stream" if body.get("stream") else "json")
+        self.active += 1
+        try:
+            return await self._dispatch(request, body, spec, mode)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnects.append(time.monotonic())
+            raise
+        finally:
+            self.active -= 1
+
+    async def _dispatch(self, request: web.Request, body: dict[str, Any],
+                        spec: dict[str, Any], mode: str) -> web.StreamResponse:
+        delay = float(spec.get("delay_s", 0))
+        chunks = int(spec.get("chunks", 3))
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "status":
+            headers = {}
+            if "retry_after" in spec:
+                headers["Retry-After"] = str(spec["retry_after"])
+            payload = spec.get("body", {"error": {"message": "fake failure", "code": spec["status"],
+                                                  "type": "server_error"}})
+            return web.json_response(payload, status=int(spec["status"]), headers=headers)
+        if mode == "reset_before_headers":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if mode == "json":
+            await asyncio.sleep(delay)
+            return web.json_response({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if mode == "hang_after_headers":
+            await asyncio.sleep(3600)
+        for i in range(chunks):
+            await asyncio.sleep(delay)
+            await response.write(chunk(i, f"t{i} "))
+        if mode == "reset_after":
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        if mode == "error_event":
+            await response.write(b'data: {"error": {"message": "engine exploded", '
+                                 b'"type": "server_error", "code": 500}}\n\n')
+        elif mode == "llamacpp_error":
+            await response.write(b'error: {"code": 500, "message": "slot crashed", '
+                                 b'"type": "server_error"}\n\n')
+        if mode != "no_done":
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

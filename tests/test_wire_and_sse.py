@@ -1,0 +1,101 @@
+"""Pure translation: routing view, upstream error normalisation, the SSE event cutter."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from backends.base import Endpoint
+from backends.errors import error_from_status, openai_error_body
+from gateway.errors import InvalidJson, InvalidRequest
+from gateway.streaming import SseReader, first_events, relay_rest
+from gateway.wire import parse_routing_view, with_model
+
+
+def test_routing_view_reads_only_what_it_needs() -> None:
+    view = parse_routing_view(b'{"model":"m","messages":[{"a":1}],"stream":true,'
+                              b'"tools":[{"deep":{"er":[1,2,3]}}]}', Endpoint.CHAT)
+    assert view.model == "m" and view.stream is True
+    with pytest.raises(InvalidJson):
+        parse_routing_view(b"{", Endpoint.CHAT)
+    with pytest.raises(InvalidRequest, match="'prompt'"):
+        parse_routing_view(b'{"model":"m"}', Endpoint.COMPLETIONS)
+    with pytest.raises(InvalidRequest, match="'input'"):
+        parse_routing_view(b'{"model":"m","input":null}', Endpoint.EMBEDDINGS)
+
+
+def test_with_model_keeps_every_other_field() -> None:
+    out = with_model(b'{"model":"a","x":{"y":[1,"\\u00e9"]},"z":null}', "b")
+    assert out == '{"model":"b","x":{"y":[1,"é"]},"z":null}'.encode()
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}',
+     {"message": "Loading model", "type": "service_unavailable_error", "param": None,
+      "code": None}),
+    (b'{"object":"error","message":"m","type":"BadRequestError","param":"n","code":400}',
+     {"message": "m", "type": "invalid_request_error", "param": "n", "code": None}),
+    (b'{"error":{"message":"k","type":"invalid_request_error","param":null,"code":"bad_key"}}',
+     {"message": "k", "type": "invalid_request_error", "param": None, "code": "bad_key"}),
+    (b"<html>oops</html>",
+     {"message": "<html>oops</html>", "type": "service_unavailable_error", "param": None,
+      "code": None}),
+])
+def test_openai_error_body(raw: bytes, expected: dict) -> None:
+    assert openai_error_body(503 if b"html" in raw or b"503" in raw else 400, raw)["error"] \
+        == expected
+
+
+def test_status_classes() -> None:
+    assert error_from_status(503, b"", replica_id="r", engine="e", retry_after="3").retryable
+    assert error_from_status(503, b"", replica_id="r", engine="e",
+                             retry_after="3").retry_after_s == 3.0
+    assert error_from_status(500, b"", replica_id="r", engine="e", retry_after=None).retryable
+    assert not error_from_status(400, b"", replica_id="r", engine="e", retry_after=None).retryable
+    assert not error_from_status(404, b"", replica_id="r", engine="e", retry_after=None).retryable
+
+
+class Upstream:
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+        self.status = 200
+        self.content_type = "text/event-stream"
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            yield part
+
+    async def read(self) -> bytes:
+        return b"".join(self.parts)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def collect(parts: list[bytes]) -> list[bytes]:
+    reader = SseReader(Upstream(parts))
+    batches = reader.batches()
+    out = [await first_events(reader, batches)]
+    out += [b async for b in relay_rest(reader, batches)]
+    return out
+
+
+async def test_events_are_never_split_or_reordered() -> None:
+    out = await collect([b"data: {\"a\"", b":1}\n", b"\ndata: {\"b\":2}\n\ndata: {\"c\"",
+                         b":3}\n\ndata: [DONE]\n\n"])
+    # whole events only, as soon as they are complete, in upstream order
+    assert out == [b'data: {"a":1}\n\ndata: {"b":2}\n\n', b'data: {"c":3}\n\ndata: [DONE]\n\n']
+
+
+async def test_llamacpp_error_line_is_translated() -> None:
+    out = await collect([b'data: {"a":1}\n\n', b'error: {"code":500,"message":"boom",'
+                         b'"type":"server_error"}\n\n', b"data: [DONE]\n\n"])
+    assert out[1] == (b'data: {"error":{"message":"boom","type":"server_error","param":null,'
+                      b'"code":null}}\n\n')
+
+
+async def test_truncated_stream_gets_error_and_done() -> None:
+    out = await collect([b'data: {"a":1}\n\n', b'data: {"b":'])
+    assert out[-1] == b"data: [DONE]\n\n"
+    assert b"without [DONE]" in out[-2]
