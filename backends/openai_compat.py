@@ -1,23 +1,17 @@
-"""The HTTP adapter every engine shares: one pooled aiohttp client per replica.
+"""The HTTP adapter every engine shares: one pooled upstream client per replica.
 
 Engines differ only in how they report health and load; sending a request and relaying its
 bytes is the same for vLLM, llama.cpp and any OpenAI-compatible server, so it lives here
 once. Engine modules subclass :class:`OpenAICompatBackend` and override ``probe``/``load``.
 
-Why aiohttp and not httpx on this path: measured on this machine kind (see README,
-"Performance"), httpx 0.28's connection pool caps a proxy at 0.01-0.02x direct throughput
-at concurrency 32 (encode/httpx#3215) while aiohttp's client sustains 10x more.
-
-This module is the only place that catches aiohttp's exceptions.
+This module is the only place that turns transport exceptions into ``BackendError``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Annotated, ClassVar
 
-import aiohttp
 import msgspec
 from msgspec import Meta
 
@@ -28,6 +22,7 @@ from backends.errors import (
     BackendUnavailable,
     error_from_status,
 )
+from backends.http1 import Http1Pool, Http1Response
 
 _MAX_ERROR_BODY = 64 * 1024
 
@@ -51,36 +46,32 @@ def replica_root(url: str) -> str:
     return root
 
 
-class AiohttpUpstreamResponse:
-    """An upstream answer whose headers arrived; see ``backends.base.UpstreamResponse``."""
+class UpstreamStream:
+    """``backends.base.UpstreamResponse`` over an ``Http1Response``, with transport errors
+    mapped to ``BackendUnavailable``."""
 
     __slots__ = ("_response", "content_type", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: Http1Response) -> None:
         self._response = response
         self.status = response.status
-        self.content_type = response.headers.get("Content-Type", "application/json")
+        self.content_type = response.content_type
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self):  # type: ignore[no-untyped-def]  # AsyncIterator[bytes]
         try:
-            async for data in self._response.content.iter_any():
+            async for data in self._response.chunks():
                 yield data
-        except (aiohttp.ClientError, OSError) as exc:
-            raise BackendUnavailable(f"upstream connection lost: {exc!r}") from exc
+        except (ConnectionError, OSError) as exc:
+            raise BackendUnavailable(f"upstream connection lost: {exc}") from exc
 
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise BackendUnavailable(f"upstream connection lost: {exc!r}") from exc
+        except (ConnectionError, OSError) as exc:
+            raise BackendUnavailable(f"upstream connection lost: {exc}") from exc
 
     async def aclose(self) -> None:
-        # Closing (not releasing) an unfinished response drops the TCP connection: that is
-        # the only cancel signal vLLM and llama.cpp understand.
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+        await self._response.aclose()
 
 
 class OpenAICompatBackend:
@@ -95,81 +86,76 @@ class OpenAICompatBackend:
         self.replica_id = config.id
         self.configured_slots = config.slots
         self.root = replica_root(config.url)
-        self._urls = {endpoint: self.root + endpoint.value for endpoint in Endpoint}
-        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session: aiohttp.ClientSession | None = None
+        base_path = self.root.split("://", 1)[1].partition("/")[2]
+        self._prefix = ("/" + base_path if base_path else "").encode()
+        self._auth = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
+        self._pool: Http1Pool | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # admission bounds concurrency; a connector cap would queue invisibly
-            keepalive_timeout=30,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self.config.connect_timeout_s
-            ),
-            headers=self._auth,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            auto_decompress=False,
-        )
+        self._pool = Http1Pool(self.root, connect_timeout_s=self.config.connect_timeout_s)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.aclose()
+            self._pool = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> Http1Pool:
+        if self._pool is None:
             raise RuntimeError(f"replica {self.replica_id} used before start()")
-        return self._session
-
-    # -- data plane ------------------------------------------------------------------
-    async def send(self, call: UpstreamCall) -> AiohttpUpstreamResponse:
-        headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
-        try:
-            response = await self.session.post(
-                self._urls[call.endpoint], data=call.body, headers=headers
-            )
-        except asyncio.TimeoutError as exc:
-            raise self._tag(BackendTimeout("upstream connect timed out")) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._tag(BackendUnavailable(f"upstream unreachable: {exc!r}")) from exc
-        if response.status >= 400:
-            try:
-                raw = await response.content.read(_MAX_ERROR_BODY)
-            except (aiohttp.ClientError, OSError):
-                raw = b""
-            finally:
-                response.close()
-            raise error_from_status(
-                response.status,
-                raw,
-                replica_id=self.replica_id,
-                engine=self.engine,
-                retry_after=response.headers.get("Retry-After"),
-            )
-        return AiohttpUpstreamResponse(response)
+        return self._pool
 
     def _tag(self, error: BackendError) -> BackendError:
         error.replica_id = self.replica_id
         error.engine = self.engine
         return error
 
+    async def _request(self, request: bytes) -> Http1Response:
+        try:
+            return await self.pool.request(request)
+        except TimeoutError as exc:
+            raise self._tag(BackendTimeout("upstream connect timed out")) from exc
+        except (ConnectionError, OSError) as exc:
+            raise self._tag(BackendUnavailable(f"upstream unreachable: {exc}")) from exc
+
+    # -- data plane ------------------------------------------------------------------
+    async def send(self, call: UpstreamCall) -> UpstreamStream:
+        headers = b"".join((b"Content-Type: application/json\r\nX-Request-Id: ",
+                            call.request_id.encode(), b"\r\n", self._auth))
+        request = self.pool.build(b"POST", self._prefix + call.endpoint.value.encode(),
+                                  headers, call.body)
+        response = await self._request(request)
+        if response.status >= 400:
+            try:
+                raw = await asyncio.wait_for(response.read(), self.config.probe_timeout_s)
+            except (ConnectionError, OSError, TimeoutError):
+                raw = b""
+            finally:
+                await response.aclose()
+            raise error_from_status(response.status, raw[:_MAX_ERROR_BODY],
+                                    replica_id=self.replica_id, engine=self.engine,
+                                    retry_after=response.retry_after)
+        return UpstreamStream(response)
+
     # -- control plane ---------------------------------------------------------------
     async def get(self, path: str) -> tuple[int, bytes]:
         """A short GET with the probe timeout; raises ``BackendUnavailable`` when down."""
-        timeout = aiohttp.ClientTimeout(total=self.config.probe_timeout_s)
-        try:
-            async with self.session.get(self.root + path, timeout=timeout) as response:
+        request = self.pool.build(b"GET", self._prefix + path.encode(), self._auth)
+
+        async def run() -> tuple[int, bytes]:
+            response = await self._request(request)
+            try:
                 return response.status, await response.read()
-        except asyncio.TimeoutError as exc:
+            finally:
+                await response.aclose()
+
+        try:
+            return await asyncio.wait_for(run(), self.config.probe_timeout_s)
+        except TimeoutError as exc:
             raise self._tag(BackendTimeout(f"GET {path} timed out")) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._tag(BackendUnavailable(f"GET {path} failed: {exc!r}")) from exc
+        except (ConnectionError, OSError) as exc:
+            raise self._tag(BackendUnavailable(f"GET {path} failed: {exc}")) from exc
 
     async def probe(self) -> ReplicaInfo:
         status, _ = await self.get("/v1/models")

@@ -61,7 +61,7 @@ def run_gateway(config: Config | dict[str, Any], tmp_path: Path) -> Iterator[Gat
         server = UvicornThread(app)
         server.start()
         try:
-            yield Gateway(server, app.state.gateway, log_path)
+            yield Gateway(server, app.state, log_path)
         finally:
             server.stop()
 

@@ -55,7 +55,7 @@ def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, 
     }
 
 
-def control_handlers(state: GatewayState) -> list[Any]:
+def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
     @get("/health")
     async def health() -> Response[dict[str, Any]]:
         pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
@@ -63,7 +63,7 @@ def control_handlers(state: GatewayState) -> list[Any]:
         return Response({"status": "ok" if ready else "unready", "live": True, "ready": ready,
                          "pools": pools}, status_code=200 if ready else 503)
 
-    @get("/v1/pools/{pool_id:str}/health")
+    @get("/v1/pools/{pool_id:str}/health", guards=guards)
     async def pool_health(pool_id: str) -> dict[str, Any]:
         pool = state.pools.get(pool_id)
         if pool is None:

@@ -8,9 +8,10 @@ byte are OpenAI envelopes with the right status; after it, in-band SSE errors.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from backends.base import Endpoint, UpstreamCall
@@ -43,12 +44,17 @@ _SSE_HEADERS: Headers = [
 _PRIORITIES = {p.value.encode(): p for p in Priority}
 
 
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
 def request_id(scope: dict[str, Any]) -> str:
-    """The client's ``X-Request-Id`` when it is sane, else a fresh one."""
+    """The client's ``X-Request-Id`` when it is sane, else a fresh one: 32 hex characters,
+    unique per process (a random prefix and a counter; cheaper than ``uuid4``)."""
     given = header(scope, b"x-request-id")
     if given is not None and _REQUEST_ID.match(given):
         return given.decode()
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def parse_priority(value: bytes | None) -> Priority:

@@ -22,7 +22,8 @@ class UvicornThread:
 
     def __init__(self, app: Any) -> None:
         config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http="httptools",
-                                lifespan="on", log_level="warning", access_log=False)
+                                lifespan="on", log_level="warning", access_log=False,
+                                proxy_headers=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.port = 0

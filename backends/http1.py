@@ -1,0 +1,290 @@
+"""A lean HTTP/1.1 client for upstream replicas: asyncio protocols + httptools' parser.
+
+Why not a general-purpose client: on this machine kind a proxied request spent about half of
+the gateway's CPU inside aiohttp's ``ClientSession._request`` and httpx is slower still
+(README, "Performance"). A gateway talks to a handful of known upstreams with one request
+shape, so the client only needs: a keep-alive pool per replica, one write per request,
+body bytes delivered as they arrive (chunked or Content-Length), back-pressure, and a
+connection that is *closed* (not returned to the pool) when a caller abandons a response --
+the only cancel signal vLLM and llama.cpp understand.
+
+Errors surface as ``ConnectionError``/``TimeoutError``; ``backends.openai_compat`` maps
+them to ``BackendError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import httptools
+
+_HIGH_WATER = 256 * 1024  # pause reading the upstream when this much is unconsumed
+_LOW_WATER = 64 * 1024
+
+
+class UpstreamClosed(ConnectionError):
+    """The upstream closed the connection before the response was complete."""
+
+
+class Http1Response:
+    """One response: status and headers have arrived; the body is still streaming in."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_headers_waiter",
+                 "_waiter", "content_type", "keep_alive", "received", "retry_after", "status")
+
+    def __init__(self, conn: Http1Connection) -> None:
+        self._conn = conn
+        self.status = 0
+        self.content_type = "application/json"
+        self.retry_after: str | None = None
+        self.keep_alive = True
+        self.received = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._headers_waiter: asyncio.Future[None] = conn.loop.create_future()
+
+    # -- fed by the connection (protocol callbacks) ------------------------------------
+    def _headers_complete(self) -> None:
+        if not self._headers_waiter.done():
+            self._headers_waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._done:
+            return
+        self._error = error
+        if not self._headers_waiter.done():
+            self._headers_waiter.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- consumed by the gateway -------------------------------------------------------
+    async def wait_headers(self) -> None:
+        await self._headers_waiter
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; everything buffered is handed over in one piece."""
+        while True:
+            if self._chunks:
+                if len(self._chunks) == 1:
+                    data = self._chunks.popleft()
+                else:
+                    data = b"".join(self._chunks)
+                    self._chunks.clear()
+                self._buffered = 0
+                self._conn.resume()
+                yield data
+                continue
+            if self._done:
+                return
+            if self._error is not None:
+                raise self._error
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def aclose(self) -> None:
+        self._conn.finish(self, reusable=self._done and self.keep_alive)
+
+
+class Http1Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one response in flight (no pipelining)."""
+
+    def __init__(self, pool: Http1Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Http1Response | None = None
+        self.closed = False
+        self._paused = False
+        self._header_name = b""
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is not None:
+            self.response.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._abort(UpstreamClosed(f"malformed HTTP from upstream: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self.response
+        if response is not None and not response._done:
+            response._fail(UpstreamClosed(f"upstream closed the connection ({exc or 'EOF'})"))
+
+    # -- httptools callbacks -------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self.response
+        if response is None:
+            return
+        lowered = name.lower()
+        if lowered == b"content-type":
+            response.content_type = value.decode("latin-1")
+        elif lowered == b"retry-after":
+            response.retry_after = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is not None:
+            response.status = self.parser.get_status_code()
+            response.keep_alive = self.parser.should_keep_alive()
+            response._headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:
+            self.response._finish()
+
+    # -- used by the pool and the response -------------------------------------------------
+    def start(self, request: bytes) -> Http1Response:
+        response = Http1Response(self)
+        self.response = response
+        assert self.transport is not None
+        self.transport.write(request)
+        return response
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def finish(self, response: Http1Response, *, reusable: bool) -> None:
+        if self.response is not response:
+            return
+        self.response = None
+        if reusable and not self.closed:
+            self.resume()
+            self.pool._release(self)
+        else:
+            self._abort(None)
+
+    def _abort(self, error: BaseException | None) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if error is not None and self.response is not None:
+            self.response._fail(error)
+
+
+class Http1Pool:
+    """Keep-alive connections to one upstream origin."""
+
+    def __init__(self, url: str, *, connect_timeout_s: float, max_idle: int = 1024) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported upstream URL {url!r}")
+        self.host = parts.hostname
+        self.tls = parts.scheme == "https"
+        self.port = parts.port or (443 if self.tls else 80)
+        default_port = 443 if self.tls else 80
+        self.host_header = (self.host if self.port == default_port
+                            else f"{self.host}:{self.port}").encode()
+        self.connect_timeout_s = connect_timeout_s
+        self.max_idle = max_idle
+        self._idle: list[Http1Connection] = []
+        self._all: set[Http1Connection] = set()
+        self._ssl = ssl.create_default_context() if self.tls else None
+        self.loop = asyncio.get_running_loop()
+
+    async def _connect(self) -> Http1Connection:
+        _, conn = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: Http1Connection(self), self.host, self.port, ssl=self._ssl,
+                server_hostname=self.host if self.tls else None),
+            self.connect_timeout_s)
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: Http1Connection) -> None:
+        if len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            conn._abort(None)
+
+    def _take_idle(self) -> Http1Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+            self._all.discard(conn)
+        return None
+
+    async def request(self, request: bytes) -> Http1Response:
+        """Send one serialised request; return once the response headers arrived.
+
+        A reused keep-alive connection that the upstream had already closed fails before
+        any byte arrives; that request is sent once more on a fresh connection.
+        """
+        conn = self._take_idle()
+        if conn is not None:
+            response = conn.start(request)
+            try:
+                await response.wait_headers()
+                return response
+            except UpstreamClosed:
+                if response.received:
+                    raise
+                self._all.discard(conn)
+            except BaseException:  # cancelled: close it, or the upstream keeps generating
+                conn.finish(response, reusable=False)
+                raise
+        conn = await self._connect()
+        response = conn.start(request)
+        try:
+            await response.wait_headers()
+        except BaseException:
+            conn.finish(response, reusable=False)
+            raise
+        return response
+
+    def build(self, method: bytes, path: bytes, headers: bytes, body: bytes = b"") -> bytes:
+        """Serialise a request. ``headers`` are complete ``Name: value\\r\\n`` lines."""
+        return b"".join((method, b" ", path, b" HTTP/1.1\r\nHost: ", self.host_header,
+                         b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n", headers,
+                         b"\r\n", body))
+
+    async def aclose(self) -> None:
+        for conn in list(self._all):
+            conn._abort(None)
+        self._all.clear()
+        self._idle.clear()
