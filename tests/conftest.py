@@ -27,6 +27,14 @@ sys.path.insert(0, str(REPO / "scripts"))
 import test_assets  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Build the real llama-server once per machine before any test runs (minutes on a fresh
+    machine), so the build never counts against a test's timeout."""
+    if any(item.get_closest_marker("llamacpp") for item in items):
+        test_assets.llama_server()
+        test_assets.smollm2_model()
+
+
 class Gateway:
     """A running gateway: its base URL and (read-only, from tests) its runtime state."""
 
