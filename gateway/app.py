@@ -29,6 +29,7 @@ from gateway.errors import (
 from gateway.logging import AccessLog
 from gateway.routes.control import control_handlers
 from gateway.routes.openai import OpenAIProxy, request_id
+from gateway.routes.tasks import task_router
 from gateway.state import GatewayState
 
 log = logging.getLogger("orchgate")
@@ -129,7 +130,8 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
         )
 
     app = Litestar(
-        route_handlers=[*_openai_routes(proxy), *control_handlers(state, guards=[require_token])],
+        route_handlers=[*_openai_routes(proxy), *control_handlers(state, guards=[require_token]),
+                        task_router(state, state.tasks, guards=[require_token])],
         lifespan=[lifespan],
         cors_config=cors,
         before_send=[_ensure_request_id],

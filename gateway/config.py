@@ -54,11 +54,21 @@ class PoolConfig(Strict):
     queue_capacity: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
     queue_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
     health_interval_s: Annotated[float, Meta(gt=0)] = 5.0
+    max_context_tokens: Annotated[int, Meta(ge=1)] = 32768
+
+
+class TasksConfig(Strict):
+    """The OrchQueue task API: defaults for minimal clients and bounded retention."""
+
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 256
+    retention_s: Annotated[float, Meta(ge=0)] = 600.0
+    max_finished: Annotated[int, Meta(ge=0)] = 10_000
 
 
 class Config(Strict):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
+    tasks: TasksConfig = TasksConfig()
     pools: list[PoolConfig] = []
 
     @property

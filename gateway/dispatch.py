@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from backends.base import UpstreamCall, UpstreamResponse
 from backends.errors import BackendError, BackendOverloaded, BackendUnavailable
-from gateway.state import PoolRuntime
 from gateway.streaming import SseReader, first_events
-from policies.admission import Lease, Priority
+from policies.admission import Lease, Priority, Ticket
 from policies.health import mark_unreachable
+
+if TYPE_CHECKING:
+    from gateway.state import PoolRuntime
 
 MAX_ATTEMPTS = 3
 BASE_BACKOFF_S = 0.05
@@ -72,14 +75,20 @@ async def dispatch(
     make_call: Callable[[str], UpstreamCall],
     *,
     max_attempts: int = MAX_ATTEMPTS,
+    ticket: Ticket | None = None,
 ) -> Committed:
     """Run one request to its first byte; ``make_call(replica_id)`` builds the call for the
-    chosen replica (its model name may differ)."""
+    chosen replica (its model name may differ). ``ticket`` is an admission the caller
+    already holds (the task API admits synchronously to answer 429 before 202)."""
     avoid: set[str] = set()
     attempt = 0
     while True:
         attempt += 1
-        lease = await pool.queue.acquire(priority, avoid=avoid)
+        if ticket is not None:
+            lease = await ticket.wait()
+            ticket = None
+        else:
+            lease = await pool.queue.acquire(priority, avoid=avoid)
         replica = lease.replica
         try:
             return await _open_once(lease, make_call(replica.replica_id), attempt)

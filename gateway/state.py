@@ -11,6 +11,7 @@ import time
 
 from backends.registry import ModelIndex, build_backend
 from gateway.config import Config, PoolConfig
+from gateway.tasks import TaskBook
 from gateway.wire import models_list
 from policies.admission import AdmissionQueue
 from policies.health import HealthMonitor
@@ -47,6 +48,7 @@ class GatewayState:
         self.pools = {p.id: PoolRuntime(p) for p in config.pools}
         self.models = ModelIndex((p.id, p.models) for p in config.pools)
         self.started_at = int(time.time())
+        self.tasks = TaskBook(config.tasks)
         self.models_body = models_list(
             [(name, p.models[0], p.id) for p in config.pools for name in p.models],
             self.started_at,
@@ -61,6 +63,7 @@ class GatewayState:
         await asyncio.gather(*(pool.health.start() for pool in self.pools.values()))
 
     async def stop(self) -> None:
+        await self.tasks.aclose()
         await asyncio.gather(*(pool.health.stop() for pool in self.pools.values()))
         for replica in self.all_replicas():
             await replica.backend.aclose()

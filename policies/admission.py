@@ -78,6 +78,62 @@ class _Waiter:
         self.avoid = avoid
 
 
+class Ticket:
+    """An admitted request: granted already, or waiting. ``wait()`` returns the lease;
+    cancelling the waiting task (or ``abandon()``) gives the place or the slot back."""
+
+    __slots__ = ("_consumed", "_lease", "_queue", "_waiter", "position")
+
+    def __init__(self, queue: AdmissionQueue, *, lease: Lease | None = None,
+                 waiter: _Waiter | None = None, position: int = 0) -> None:
+        self._queue = queue
+        self._lease = lease
+        self._waiter = waiter
+        self._consumed = False
+        self.position = position  # 1-based place at admission; 0 when granted at once
+
+    @property
+    def queued(self) -> bool:
+        return self._waiter is not None and not self._waiter.future.done()
+
+    def current_position(self) -> int:
+        """The waiter's 1-based place now (0 once granted)."""
+        waiter = self._waiter
+        if waiter is None or waiter.future.done():
+            return 0
+        return self._queue.position_of_waiter(waiter)
+
+    async def wait(self) -> Lease:
+        if self._lease is not None:
+            self._consumed = True
+            return self._lease
+        assert self._waiter is not None
+        queue = self._queue
+        try:
+            async with asyncio.timeout(queue.queue_timeout_s):
+                lease = await self._waiter.future
+                self._consumed = True
+                return lease
+        except BaseException as exc:
+            queue._abandon(self._waiter)
+            if isinstance(exc, TimeoutError):
+                raise QueueTimeout(
+                    f"waited {queue.queue_timeout_s:g}s in the queue without a free slot",
+                    retry_after_s=queue.wait_estimate_s(queue.depth() + 1),
+                ) from None
+            raise
+
+    def abandon(self) -> None:
+        """Give the place or the slot back, unless ``wait()`` already handed the lease to
+        its caller (who then owns it). Idempotent; safe before ``wait()`` ever ran."""
+        if self._consumed:
+            return
+        if self._lease is not None:
+            self._lease.release(observe=False)
+        elif self._waiter is not None:
+            self._queue._abandon(self._waiter)
+
+
 class AdmissionQueue:
     def __init__(
         self,
@@ -119,34 +175,39 @@ class AdmissionQueue:
             ahead += len(self._waiting[Priority.BATCH])
         return ahead + 1
 
+    def position_of_waiter(self, waiter: _Waiter) -> int:
+        ahead = 0
+        if waiter.priority is Priority.BATCH:
+            ahead = len(self._waiting[Priority.INTERACTIVE])
+        try:
+            return ahead + self._waiting[waiter.priority].index(waiter) + 1
+        except ValueError:
+            return 0
+
     def wait_estimate_s(self, position: int) -> float:
         return self.rate.wait_s(position, self.ready_slots() or 1)
 
     # -- acquire / release ---------------------------------------------------------------
-    async def acquire(self, priority: Priority, *, avoid: Collection[str] = ()) -> Lease:
-        """A lease on the least-loaded ready replica, waiting in the queue if needed."""
+    def enqueue(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
+        """Admit a request now, without awaiting: a ticket holding either a lease (a slot
+        was free) or a place in the queue. Raises ``PoolUnready`` or ``QueueFull``."""
         if not self.is_ready():
             raise PoolUnready("no replica of this pool is ready", retry_after_s=self.unready_retry_s)
         if not self._has_waiters_ahead(priority):
             replica = choose_replica(self.replicas, avoid)
             if replica is not None:
-                return self._grant(replica)
+                return Ticket(self, lease=self._grant(replica))
         if self.depth() >= self.capacity:
             wait = self.wait_estimate_s(self.depth() + 1)
             raise QueueFull("the pool's queue is full", retry_after_s=wait)
+        position = self.position_of(priority)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, avoid)
         self._waiting[priority].append(waiter)
-        try:
-            async with asyncio.timeout(self.queue_timeout_s):
-                return await waiter.future
-        except BaseException as exc:
-            self._abandon(waiter)
-            if isinstance(exc, TimeoutError):
-                raise QueueTimeout(
-                    f"waited {self.queue_timeout_s:g}s in the queue without a free slot",
-                    retry_after_s=self.wait_estimate_s(self.depth() + 1),
-                ) from None
-            raise
+        return Ticket(self, waiter=waiter, position=position)
+
+    async def acquire(self, priority: Priority, *, avoid: Collection[str] = ()) -> Lease:
+        """A lease on the least-loaded ready replica, waiting in the queue if needed."""
+        return await self.enqueue(priority, avoid=avoid).wait()
 
     def pump(self) -> None:
         """Grant free slots to waiters, interactive strictly first. Call after capacity grows

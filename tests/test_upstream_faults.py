@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, free_port, pool
+from tests.conftest import Gateway, pool
 from tests.fakes.servers import AiohttpThread, wait_until
 from tests.fakes.upstream import FakeUpstream
 

@@ -1,0 +1,356 @@
+"""OrchQueue v1 tasks: admission at submit, a runner per task, a replayable event log and
+race-free cancel.
+
+A task's SSE events are appended to its own log, so a client that attaches late (or twice)
+replays everything from ``started``; nothing produced before it attached is lost.
+
+Race-free cancel: ``cancel()`` runs on the event loop without awaiting. It marks the task
+finished and appends ``end {cancelled: true}`` before it returns (and so before the 204 is
+sent); every later token append sees a finished task and is dropped. Then the runner is
+cancelled: a queued task leaves the queue, a running one closes its upstream connection
+(the engine frees the slot) and releases its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from backends.base import Endpoint, UpstreamCall
+from backends.errors import BackendError, BackendRejected, BackendTimeout
+from gateway.config import TasksConfig
+from gateway.dispatch import Committed, dispatch
+from gateway.streaming import relay_rest
+from policies.admission import AdmissionError, Priority, Ticket
+
+if TYPE_CHECKING:
+    from gateway.state import PoolRuntime
+
+_encoder = msgspec.json.Encoder()
+_TASK_ID = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+class Workload(enum.StrEnum):
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    RERANK = "rerank"
+
+
+class TaskRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """llama-orch v1 TaskRequest field names, all optional here, plus conveniences."""
+
+    task_id: Annotated[str, Meta(pattern=_TASK_ID)] | None = None
+    session_id: str | None = None
+    workload: Workload = Workload.COMPLETION
+    model_ref: str | None = None
+    model: str | None = None
+    engine: str | None = None
+    ctx: Annotated[int, Meta(ge=0)] | None = None
+    priority: Priority = Priority.INTERACTIVE
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    deadline_ms: Annotated[int, Meta(ge=0)] | None = None
+    seed: int | None = None
+    prompt: str | None = None
+    inputs: list[str] | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: dict[str, Any] | None = None
+    # v1 optional fields accepted for compatibility; the Home profile does not act on them
+    determinism: str | None = None
+    sampler_profile_version: str | None = None
+    expected_tokens: int | None = None
+    kv_hint: str | None = None
+    placement: dict[str, Any] | None = None
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    error: dict[str, Any] | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
+
+
+class Task:
+    __slots__ = ("_changed", "created_at", "decode_started", "engine", "error", "events",
+                 "finished_at", "id", "pool", "predicted_start_ms", "priority", "runner",
+                 "started_at", "state", "ticket", "tokens_out")
+
+    def __init__(self, task_id: str, pool: PoolRuntime, priority: Priority,
+                 ticket: Ticket) -> None:
+        self.id = task_id
+        self.pool = pool
+        self.engine = pool.engine
+        self.priority = priority
+        self.ticket = ticket
+        self.state = TaskState.QUEUED
+        self.events: list[bytes] = []
+        self.tokens_out = 0
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.decode_started: float | None = None
+        self.error: dict[str, Any] | None = None
+        self.predicted_start_ms = 0
+        self.runner: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def _append(self, frame: bytes) -> None:
+        self.events.append(frame)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()  # wakes every subscriber waiting on the previous event
+
+    def start(self) -> None:
+        if self.finished:
+            return
+        self.state = TaskState.RUNNING
+        self.started_at = time.time()
+        self.decode_started = time.perf_counter()
+        self._append(sse("started", {"queue_position": self.ticket.position,
+                                     "predicted_start_ms": self.predicted_start_ms}))
+
+    def token(self, text: str) -> None:
+        if self.finished:
+            return  # cancelled: nothing after the acknowledgement
+        self._append(sse("token", {"t": text, "i": self.tokens_out}))
+        self.tokens_out += 1
+
+    def _decode_ms(self) -> int:
+        if self.decode_started is None:
+            return 0
+        return int((time.perf_counter() - self.decode_started) * 1000)
+
+    def end(self, *, cancelled: bool = False) -> None:
+        if self.finished:
+            return
+        self.state = TaskState.CANCELLED if cancelled else TaskState.COMPLETED
+        self.finished_at = time.time()
+        decode_ms = self._decode_ms()
+        payload: dict[str, Any] = {"tokens_out": self.tokens_out, "decode_time_ms": decode_ms,
+                                   "decode_ms": decode_ms}
+        if cancelled:
+            payload["cancelled"] = True
+        self._append(sse("end", payload))
+
+    def fail(self, code: str, message: str, *, retriable: bool,
+             retry_after_ms: int | None = None) -> None:
+        if self.finished:
+            return
+        self.state = TaskState.FAILED
+        self.finished_at = time.time()
+        self.error = {"code": code, "message": message, "engine": self.engine,
+                      "retriable": retriable}
+        if retry_after_ms is not None:
+            self.error["retry_after_ms"] = retry_after_ms
+        self._append(sse("error", self.error))
+
+    async def frames(self, heartbeat_s: float = 15.0) -> AsyncIterator[bytes]:
+        """Every event from the first, then new ones as they come, until the task ends.
+        Idle gaps get an SSE comment so proxies keep the connection open."""
+        index = 0
+        while True:
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.finished:
+                return
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), heartbeat_s)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+
+    def view(self) -> dict[str, Any]:
+        position = self.ticket.current_position() if self.state is TaskState.QUEUED else 0
+        out: dict[str, Any] = {
+            "task_id": self.id, "state": self.state.value, "pool_id": self.pool.id,
+            "engine": self.engine, "priority": self.priority.value, "queue_position": position,
+            "tokens_out": self.tokens_out, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+class CancelOutcome(enum.Enum):
+    CANCELLED = "cancelled"
+    ALREADY_CANCELLED = "already_cancelled"
+    ALREADY_FINISHED = "already_finished"
+
+
+def _error_code(error: BackendError) -> tuple[str, bool]:
+    if isinstance(error, BackendTimeout):
+        return "DECODE_TIMEOUT", True
+    if isinstance(error, BackendRejected):
+        return "INVALID_PARAMS", False
+    if error.retryable:
+        return "WORKER_RESET", True
+    return "INTERNAL", False
+
+
+class TaskBook:
+    """All tasks, by id. Finished tasks are kept for ``retention_s`` and at most
+    ``max_finished`` of them, so memory stays bounded under any load."""
+
+    def __init__(self, config: TasksConfig) -> None:
+        self.config = config
+        self._tasks: dict[str, Task] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()
+        self._prefix = os.urandom(6).hex()
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
+
+    def new_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids):08x}"
+
+    def active(self) -> int:
+        return sum(1 for t in self._tasks.values() if not t.finished)
+
+    def submit(self, task_id: str, pool: PoolRuntime, priority: Priority, ticket: Ticket,
+               payload: dict[str, Any], endpoint: Endpoint) -> Task:
+        """Start a task that already holds its admission ``ticket``. ``payload`` is the
+        upstream body without ``model``, which is filled in per replica."""
+        self._evict()
+        task = Task(task_id, pool, priority, ticket)
+        task.predicted_start_ms = int(pool.queue.wait_estimate_s(ticket.position) * 1000)
+        self._tasks[task_id] = task
+        task.runner = asyncio.create_task(self._run(task, payload, endpoint),
+                                          name=f"task:{task_id}")
+        return task
+
+    def cancel(self, task: Task) -> CancelOutcome:
+        if task.state is TaskState.CANCELLED:
+            return CancelOutcome.ALREADY_CANCELLED
+        if task.finished:
+            return CancelOutcome.ALREADY_FINISHED
+        task.end(cancelled=True)  # the acknowledgement point: no token event after this
+        task.ticket.abandon()  # a queued task leaves the queue now, even if its runner
+        if task.runner is not None:  # has not started yet
+            task.runner.cancel()
+        self._mark_finished(task)
+        return CancelOutcome.CANCELLED
+
+    async def _run(self, task: Task, payload: dict[str, Any], endpoint: Endpoint) -> None:
+        try:
+            await self._execute(task, payload, endpoint)
+        except asyncio.CancelledError:
+            # cancel() has already ended the task; otherwise the gateway is shutting down
+            task.fail("POOL_UNAVAILABLE", "the gateway is shutting down", retriable=True,
+                      retry_after_ms=1000)
+        except AdmissionError as error:
+            task.fail("POOL_UNAVAILABLE", str(error), retriable=True,
+                      retry_after_ms=int(error.retry_after_s * 1000))
+        except BackendError as error:
+            code, retriable = _error_code(error)
+            task.fail(code, error.message, retriable=retriable,
+                      retry_after_ms=int(error.retry_after_s * 1000)
+                      if error.retry_after_s is not None else None)
+        except Exception as error:  # noqa: BLE001 - a task must end, whatever happened
+            task.fail("INTERNAL", f"gateway error: {type(error).__name__}", retriable=False)
+        finally:
+            task.ticket.abandon()
+            self._mark_finished(task)
+
+    async def _execute(self, task: Task, payload: dict[str, Any], endpoint: Endpoint) -> None:
+        pool = task.pool
+
+        def make_call(replica_id: str) -> UpstreamCall:
+            body = _encoder.encode({**payload, "model": pool.upstream_model[replica_id]})
+            return UpstreamCall(endpoint, body, True, task.id)
+
+        committed: Committed = await dispatch(pool, task.priority, make_call, ticket=task.ticket)
+        try:
+            task.start()
+            assert committed.reader is not None and committed.batches is not None
+            self._consume(task, committed.first)
+            async for batch in relay_rest(committed.reader, committed.batches):
+                if self._consume(task, batch):
+                    break
+            task.end()
+        finally:
+            await committed.aclose()
+
+    @staticmethod
+    def _consume(task: Task, batch: bytes) -> bool:
+        """Turn OpenAI SSE events into ``token`` events; True once the stream is over."""
+        for event in batch.split(b"\n\n"):
+            if not event.startswith(b"data: "):
+                continue
+            data = event[6:]
+            if data == b"[DONE]":
+                return True
+            try:
+                chunk = _chunk_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if chunk.error is not None:
+                task.fail("WORKER_RESET", str(chunk.error.get("message", "upstream error")),
+                          retriable=True)
+                return True
+            for choice in chunk.choices:
+                text = choice.delta.content if choice.delta is not None else choice.text
+                if text:
+                    task.token(text)
+        return False
+
+    def _mark_finished(self, task: Task) -> None:
+        if task.finished and task.id not in self._finished:
+            self._finished[task.id] = time.monotonic()
+            self._evict()
+
+    def _evict(self) -> None:
+        horizon = time.monotonic() - self.config.retention_s
+        while self._finished:
+            task_id, finished_at = next(iter(self._finished.items()))
+            if finished_at > horizon and len(self._finished) <= self.config.max_finished:
+                break
+            self._finished.popitem(last=False)
+            self._tasks.pop(task_id, None)
+
+    async def aclose(self) -> None:
+        runners = [t.runner for t in self._tasks.values() if t.runner and not t.runner.done()]
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
