@@ -155,11 +155,12 @@ class Rig:
                 result["requests"], 1) * 1e6
         return result
 
-    def streams(self, target: str, streams: int, tokens: int) -> dict[str, Any]:
+    def streams(self, target: str, streams: int, tokens: int,
+                tasks: bool = False) -> dict[str, Any]:
         cpu0 = cpu_seconds(self.gateway.pid)
         out = subprocess.run(pinned(0, [sys.executable, "-m", "bench.streamclient", "--port",
                                         str(PORTS[target]), "--streams", str(streams),
-                                        "--tokens", str(tokens)]),
+                                        "--tokens", str(tokens)] + (["--tasks"] if tasks else [])),
                              cwd=ROOT, capture_output=True, check=True).stdout
         result: dict[str, Any] = msgspec.json.decode(out)
         if target == "orchgate":
@@ -194,6 +195,16 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                                                  for e in entries]),
                 "orchgate_non2xx": sum(e["orchgate"]["non2xx"] for e in entries),
             }
+        elif name.startswith("task_"):
+            def vs_direct(key: str, q: float, target: str,
+                          entries: list[Any] = entries) -> list[float]:
+                return [(pct(e[target][key], q) - pct(e["direct"][key], q)) * 1e3
+                        for e in entries]
+            report[name] = {
+                target: {"added_ttft_p50_ms": stat(vs_direct("ttft_s", 0.5, target)),
+                         "added_gap_p99_ms": stat(vs_direct("gaps_s", 0.99, target)),
+                         "bad_streams": sum(e[target]["bad_streams"] for e in entries)}
+                for target in ("orchgate", "tasks")}
         else:
             def added(key: str, q: float, target: str) -> list[float]:
                 return [(pct(e[target][key], q) - pct(e["direct"][key], q)) * 1e3
@@ -220,9 +231,18 @@ def table(summary: dict[str, Any]) -> str:
                 f"[{fmt.format(stat['min'])}..{fmt.format(stat['max'])}]")
 
     lines = ["| scenario | metric | orchgate | byte forwarder |", "|---|---|---|---|"]
-    order = sorted(summary, key=lambda n: (n[:2] != "ns", int(n.rsplit("_", 1)[1].lstrip("c"))))
+    order = sorted(summary, key=lambda n: (n[:2] != "ns", n[:4] == "task",
+                                           int(n.rsplit("_", 1)[1].lstrip("c"))))
     for name in order:
         entry = summary[name]
+        if name.startswith("task_"):
+            for target, label in (("orchgate", "OpenAI stream"), ("tasks", "task API")):
+                e = entry[target]
+                lines.append(f"| 32 paced streams via {label} | added TTFT p50 / gap p99 (ms) "
+                             f"| {cell(e['added_ttft_p50_ms'])} / "
+                             f"{cell(e['added_gap_p99_ms'], '{:.3f}')}, "
+                             f"{e['bad_streams']} bad streams | |")
+            continue
         if name.startswith("ns_"):
             conc = name.split("_c")[1]
             lines.append(f"| non-stream c={conc} | RPS vs direct | "
@@ -272,11 +292,14 @@ def main() -> None:
             results: dict[str, Any] = {}
             jobs = [("ns_c1", t) for t in PORTS] + [("ns_c32", t) for t in PORTS]
             jobs += [(f"st_{n}", t) for n in args.streams.split(",") for t in PORTS]
+            jobs += [("task_32", "direct"), ("task_32", "orchgate"), ("task_32", "tasks")]
             random.shuffle(jobs)
             for scenario, target in jobs:
                 if scenario.startswith("ns_"):
                     conns = int(scenario.split("_c")[1])
                     value: Any = rig.wrk(target, conns, args.seconds)
+                elif target == "tasks":
+                    value = rig.streams("orchgate", 32, args.tokens, tasks=True)
                 else:
                     value = rig.streams(target, int(scenario.split("_")[1]), args.tokens)
                 results.setdefault(scenario, {})[target] = value

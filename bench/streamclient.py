@@ -77,8 +77,62 @@ async def one_stream(port: int) -> StreamProtocol:
     return proto
 
 
-async def run(port: int, streams: int, tokens: int) -> dict[str, object]:
-    protos = await asyncio.gather(*(one_stream(port) for _ in range(streams)))
+TASK_BODY = b'{"model_ref":"bench","prompt":"hello","max_tokens":64}'
+
+
+async def one_task(port: int) -> StreamProtocol:
+    """OrchQueue: POST /v1/tasks, then GET its stream; TTFT counts from the submit."""
+    loop = asyncio.get_running_loop()
+    sent_at = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(TASK_BODY)).encode() + b"\r\n\r\n" + TASK_BODY)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    task_id = msgspec.json.decode(await reader.readexactly(length))["task_id"]
+    writer.close()
+    done: asyncio.Future[None] = loop.create_future()
+    transport, proto = await loop.create_connection(lambda: TaskStreamProtocol(done),
+                                                    "127.0.0.1", port)
+    proto.sent_at = sent_at
+    transport.write(f"GET /v1/tasks/{task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await asyncio.wait_for(done, 60)
+    transport.close()
+    return proto
+
+
+class TaskStreamProtocol(StreamProtocol):
+    """Task SSE: ``event: token`` frames carry ``{"t", "i"}``; ``event: end`` closes."""
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.buffer += data
+        while True:
+            start = self.buffer.find(b"event: ")
+            if start < 0:
+                return
+            end = self.buffer.find(b"\n\n", start)
+            if end < 0:
+                return
+            frame = self.buffer[start:end]
+            self.buffer = self.buffer[end + 2:]
+            name, _, payload = frame.partition(b"\ndata: ")
+            if name == b"event: token":
+                t = msgspec.json.decode(payload)["t"]
+                self.events.append(msgspec.json.encode(
+                    {"choices": [{"delta": {"content": t}}]}))
+                self.stamps.append(now)
+            elif name in (b"event: end", b"event: error"):
+                self.finished = name == b"event: end"
+                self.events.append(b"[DONE]")
+                self.stamps.append(now)
+                if not self.done.done():
+                    self.done.set_result(None)
+
+
+async def run(port: int, streams: int, tokens: int, tasks: bool = False) -> dict[str, object]:
+    opener = one_task if tasks else one_stream
+    protos = await asyncio.gather(*(opener(port) for _ in range(streams)))
     ttft, gaps, bad = [], [], 0
     decoder = msgspec.json.Decoder()
     for proto in protos:
@@ -102,8 +156,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tasks", action="store_true", help="use the OrchQueue task API")
     args = parser.parse_args()
-    result = uvloop.run(run(args.port, args.streams, args.tokens))
+    result = uvloop.run(run(args.port, args.streams, args.tokens, args.tasks))
     sys.stdout.buffer.write(msgspec.json.encode(result))
 
 
