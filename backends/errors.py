@@ -118,8 +118,12 @@ class BackendError(Exception):
         self.retry_after_s = retry_after_s
         self.attempts = 1  # set by dispatch when retries were exhausted
         self.body = body or {
-            "error": {"message": message, "type": _type_for(self.status, None), "param": None,
-                      "code": None}
+            "error": {
+                "message": message,
+                "type": _type_for(self.status, None),
+                "param": None,
+                "code": None,
+            }
         }
 
     def encoded_body(self) -> bytes:
@@ -174,8 +178,14 @@ def error_from_status(
         cls = BackendFailed  # a conflict is transient by OpenAI convention; try again
     else:
         cls = BackendRejected
-    return cls(message, replica_id=replica_id, engine=engine, status=status,
-               retry_after_s=retry_after_s, body=body)
+    return cls(
+        message,
+        replica_id=replica_id,
+        engine=engine,
+        status=status,
+        retry_after_s=retry_after_s,
+        body=body,
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -33,8 +33,20 @@ class UpstreamClosed(ConnectionError):
 class Http1Response:
     """One response: status and headers have arrived; the body is still streaming in."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_headers_waiter",
-                 "_waiter", "content_type", "keep_alive", "received", "retry_after", "status")
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_done",
+        "_error",
+        "_headers_waiter",
+        "_waiter",
+        "content_type",
+        "keep_alive",
+        "received",
+        "retry_after",
+        "status",
+    )
 
     def __init__(self, conn: Http1Connection) -> None:
         self._conn = conn
@@ -217,8 +229,9 @@ class Http1Pool:
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
         default_port = 443 if self.tls else 80
-        self.host_header = (self.host if self.port == default_port
-                            else f"{self.host}:{self.port}").encode()
+        self.host_header = (
+            self.host if self.port == default_port else f"{self.host}:{self.port}"
+        ).encode()
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
         self._idle: list[Http1Connection] = []
@@ -229,9 +242,14 @@ class Http1Pool:
     async def _connect(self) -> Http1Connection:
         _, conn = await asyncio.wait_for(
             self.loop.create_connection(
-                lambda: Http1Connection(self), self.host, self.port, ssl=self._ssl,
-                server_hostname=self.host if self.tls else None),
-            self.connect_timeout_s)
+                lambda: Http1Connection(self),
+                self.host,
+                self.port,
+                ssl=self._ssl,
+                server_hostname=self.host if self.tls else None,
+            ),
+            self.connect_timeout_s,
+        )
         self._all.add(conn)
         return conn
 
@@ -279,9 +297,21 @@ class Http1Pool:
 
     def build(self, method: bytes, path: bytes, headers: bytes, body: bytes = b"") -> bytes:
         """Serialise a request. ``headers`` are complete ``Name: value\\r\\n`` lines."""
-        return b"".join((method, b" ", path, b" HTTP/1.1\r\nHost: ", self.host_header,
-                         b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n", headers,
-                         b"\r\n", body))
+        return b"".join(
+            (
+                method,
+                b" ",
+                path,
+                b" HTTP/1.1\r\nHost: ",
+                self.host_header,
+                b"\r\nContent-Length: ",
+                str(len(body)).encode(),
+                b"\r\n",
+                headers,
+                b"\r\n",
+                body,
+            )
+        )
 
     async def aclose(self) -> None:
         for conn in list(self._all):

@@ -121,10 +121,17 @@ class OpenAICompatBackend:
 
     # -- data plane ------------------------------------------------------------------
     async def send(self, call: UpstreamCall) -> UpstreamStream:
-        headers = b"".join((b"Content-Type: application/json\r\nX-Request-Id: ",
-                            call.request_id.encode(), b"\r\n", self._auth))
-        request = self.pool.build(b"POST", self._prefix + call.endpoint.value.encode(),
-                                  headers, call.body)
+        headers = b"".join(
+            (
+                b"Content-Type: application/json\r\nX-Request-Id: ",
+                call.request_id.encode(),
+                b"\r\n",
+                self._auth,
+            )
+        )
+        request = self.pool.build(
+            b"POST", self._prefix + call.endpoint.value.encode(), headers, call.body
+        )
         response = await self._request(request)
         if response.status >= 400:
             try:
@@ -133,9 +140,13 @@ class OpenAICompatBackend:
                 raw = b""
             finally:
                 await response.aclose()
-            raise error_from_status(response.status, raw[:_MAX_ERROR_BODY],
-                                    replica_id=self.replica_id, engine=self.engine,
-                                    retry_after=response.retry_after)
+            raise error_from_status(
+                response.status,
+                raw[:_MAX_ERROR_BODY],
+                replica_id=self.replica_id,
+                engine=self.engine,
+                retry_after=response.retry_after,
+            )
         return UpstreamStream(response)
 
     # -- control plane ---------------------------------------------------------------

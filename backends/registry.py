@@ -8,14 +8,13 @@ adapter class joins ``ENGINES``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Union
 
 from backends.base import Backend
 from backends.llamacpp import LlamaCppBackend, LlamaCppReplicaConfig
 from backends.openai import OpenAIBackend, OpenAIReplicaConfig
 from backends.vllm import VLLMBackend, VLLMReplicaConfig
 
-ReplicaConfig = Union[LlamaCppReplicaConfig, VLLMReplicaConfig, OpenAIReplicaConfig]
+ReplicaConfig = LlamaCppReplicaConfig | VLLMReplicaConfig | OpenAIReplicaConfig
 
 ENGINES: dict[type, type] = {
     LlamaCppReplicaConfig: LlamaCppBackend,

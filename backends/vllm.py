@@ -21,7 +21,7 @@ def gauge_sum(metrics_text: str, name: str) -> float | None:
     for line in metrics_text.splitlines():
         if not line.startswith(name):
             continue
-        rest = line[len(name):]
+        rest = line[len(name) :]
         if rest[:1] not in ("{", " "):
             continue  # a longer metric name sharing the prefix
         try:

@@ -15,25 +15,43 @@ import asyncio
 
 import uvloop
 
-JSON_BODY = (b'{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench",'
-             b'"choices":[{"index":0,"message":{"role":"assistant","content":"hello there"},'
-             b'"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,'
-             b'"total_tokens":11}}')
-JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(JSON_BODY)).encode() + b"\r\n\r\n" + JSON_BODY)
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n")
-HEALTH = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n" \
-         b'{"status":"ok"}'
-MODELS_BODY = b'{"object":"list","data":[{"id":"bench","object":"model","created":1,"owned_by":"x"}]}'
-MODELS = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-          + str(len(MODELS_BODY)).encode() + b"\r\n\r\n" + MODELS_BODY)
+JSON_BODY = (
+    b'{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"hello there"},'
+    b'"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,'
+    b'"total_tokens":11}}'
+)
+JSON_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(JSON_BODY)).encode()
+    + b"\r\n\r\n"
+    + JSON_BODY
+)
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+HEALTH = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+    b'{"status":"ok"}'
+)
+MODELS_BODY = (
+    b'{"object":"list","data":[{"id":"bench","object":"model","created":1,"owned_by":"x"}]}'
+)
+MODELS = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(MODELS_BODY)).encode()
+    + b"\r\n\r\n"
+    + MODELS_BODY
+)
 
 
 def sse_event(i: int) -> bytes:
-    data = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
-            b'"model":"bench","choices":[{"index":0,"delta":{"content":"tok' + str(i).encode()
-            + b' "},"finish_reason":null}]}\n\n')
+    data = (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+        b'"model":"bench","choices":[{"index":0,"delta":{"content":"tok'
+        + str(i).encode()
+        + b' "},"finish_reason":null}]}\n\n'
+    )
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
@@ -67,11 +85,11 @@ class FakeProtocol(asyncio.Protocol):
             lower = head.lower()
             pos = lower.find(b"content-length:")
             if pos >= 0:
-                length = int(lower[pos + 15:].split(b"\r\n", 1)[0])
+                length = int(lower[pos + 15 :].split(b"\r\n", 1)[0])
             total = end + 4 + length
             if len(self.buffer) < total:
                 return
-            body = self.buffer[end + 4:total]
+            body = self.buffer[end + 4 : total]
             self.buffer = self.buffer[total:]
             self.respond(head, body)
 

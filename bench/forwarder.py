@@ -38,8 +38,11 @@ class Client(asyncio.Protocol):
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.transport is not None
-        upstream, _ = await loop.create_connection(lambda: Pipe(self.transport),  # type: ignore[arg-type]
-                                                   "127.0.0.1", self.upstream_port)
+        upstream, _ = await loop.create_connection(
+            lambda: Pipe(self.transport),  # type: ignore[arg-type]
+            "127.0.0.1",
+            self.upstream_port,
+        )
         self.upstream = upstream
         for data in self.pending:
             upstream.write(data)

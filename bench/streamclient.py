@@ -17,8 +17,10 @@ import time
 import msgspec
 import uvloop
 
-BODY = (b'{"model":"bench","messages":[{"role":"user","content":"hello"}],'
-        b'"max_tokens":64,"stream":true}')
+BODY = (
+    b'{"model":"bench","messages":[{"role":"user","content":"hello"}],'
+    b'"max_tokens":64,"stream":true}'
+)
 
 
 class StreamProtocol(asyncio.Protocol):
@@ -39,7 +41,7 @@ class StreamProtocol(asyncio.Protocol):
             if end < 0:
                 return
             self.headers_seen = True
-            self.buffer = self.buffer[end + 4:]
+            self.buffer = self.buffer[end + 4 :]
         # de-chunk lazily: collect SSE events by their "data: " lines
         while True:
             start = self.buffer.find(b"data: ")
@@ -48,8 +50,8 @@ class StreamProtocol(asyncio.Protocol):
             end = self.buffer.find(b"\n\n", start)
             if end < 0:
                 return
-            event = self.buffer[start + 6:end]
-            self.buffer = self.buffer[end + 2:]
+            event = self.buffer[start + 6 : end]
+            self.buffer = self.buffer[end + 2 :]
             self.events.append(event)
             self.stamps.append(now)
             if event == b"[DONE]":
@@ -65,11 +67,11 @@ class StreamProtocol(asyncio.Protocol):
 async def one_stream(port: int) -> StreamProtocol:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    transport, proto = await loop.create_connection(lambda: StreamProtocol(done),
-                                                    "127.0.0.1", port)
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-               b"application/json\r\nContent-Length: " + str(len(BODY)).encode() +
-               b"\r\n\r\n" + BODY)
+    transport, proto = await loop.create_connection(lambda: StreamProtocol(done), "127.0.0.1", port)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
+    )
     proto.sent_at = time.perf_counter()
     transport.write(request)
     await asyncio.wait_for(done, 60)
@@ -85,15 +87,18 @@ async def one_task(port: int) -> StreamProtocol:
     loop = asyncio.get_running_loop()
     sent_at = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(TASK_BODY)).encode() + b"\r\n\r\n" + TASK_BODY)
+    writer.write(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(TASK_BODY)).encode() + b"\r\n\r\n" + TASK_BODY
+    )
     head = await reader.readuntil(b"\r\n\r\n")
     length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
     task_id = msgspec.json.decode(await reader.readexactly(length))["task_id"]
     writer.close()
     done: asyncio.Future[None] = loop.create_future()
-    transport, proto = await loop.create_connection(lambda: TaskStreamProtocol(done),
-                                                    "127.0.0.1", port)
+    transport, proto = await loop.create_connection(
+        lambda: TaskStreamProtocol(done), "127.0.0.1", port
+    )
     proto.sent_at = sent_at
     transport.write(f"GET /v1/tasks/{task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await asyncio.wait_for(done, 60)
@@ -115,12 +120,11 @@ class TaskStreamProtocol(StreamProtocol):
             if end < 0:
                 return
             frame = self.buffer[start:end]
-            self.buffer = self.buffer[end + 2:]
+            self.buffer = self.buffer[end + 2 :]
             name, _, payload = frame.partition(b"\ndata: ")
             if name == b"event: token":
                 t = msgspec.json.decode(payload)["t"]
-                self.events.append(msgspec.json.encode(
-                    {"choices": [{"delta": {"content": t}}]}))
+                self.events.append(msgspec.json.encode({"choices": [{"delta": {"content": t}}]}))
                 self.stamps.append(now)
             elif name in (b"event: end", b"event: error"):
                 self.finished = name == b"event: end"
@@ -147,7 +151,7 @@ async def run(port: int, streams: int, tokens: int, tasks: bool = False) -> dict
             bad += 1
         if proto.stamps:
             ttft.append(proto.stamps[0] - proto.sent_at)
-            gaps += [b - a for a, b in zip(proto.stamps[:-2], proto.stamps[1:-1])]
+            gaps += [b - a for a, b in zip(proto.stamps[:-2], proto.stamps[1:-1], strict=True)]
     return {"streams": streams, "ttft_s": ttft, "gaps_s": gaps, "bad_streams": bad}
 
 

@@ -34,8 +34,14 @@ from gateway.state import GatewayState
 
 log = logging.getLogger("orchgate")
 
-EXPOSED_HEADERS = ("x-request-id", "x-orchgate-replica", "x-orchgate-attempts", "retry-after",
-                   "retry-after-ms", "x-backoff-ms")
+EXPOSED_HEADERS = (
+    "x-request-id",
+    "x-orchgate-replica",
+    "x-orchgate-attempts",
+    "retry-after",
+    "retry-after-ms",
+    "x-backoff-ms",
+)
 _EXPOSE = ", ".join(EXPOSED_HEADERS).encode()
 
 
@@ -104,8 +110,9 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
     access_log = AccessLog(enabled=config.server.access_log, stream=access_log_stream)
     proxy = OpenAIProxy(state, auth, access_log)
 
-    async def require_token(connection: ASGIConnection[Any, Any, Any, Any],
-                            _: BaseRouteHandler) -> None:
+    async def require_token(
+        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
         # async: a sync guard would run in a thread pool on every request
         if connection.scope["path"].startswith("/v1/"):
             auth.check(connection.headers.get("authorization", "").encode() or None)
@@ -130,8 +137,11 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
         )
 
     app = Litestar(
-        route_handlers=[*_openai_routes(proxy), *control_handlers(state, guards=[require_token]),
-                        task_router(state, state.tasks, guards=[require_token])],
+        route_handlers=[
+            *_openai_routes(proxy),
+            *control_handlers(state, guards=[require_token]),
+            task_router(state, state.tasks, guards=[require_token]),
+        ],
         lifespan=[lifespan],
         cors_config=cors,
         before_send=[_ensure_request_id],
@@ -155,8 +165,14 @@ class GatewayApp:
     Litestar. Measured: Litestar's routing, guards and middleware stack cost about a third
     of the gateway's CPU per proxied request (README, "Performance")."""
 
-    def __init__(self, litestar: Litestar, proxy: OpenAIProxy, state: GatewayState, *,
-                 cors_origins: list[str]) -> None:
+    def __init__(
+        self,
+        litestar: Litestar,
+        proxy: OpenAIProxy,
+        state: GatewayState,
+        *,
+        cors_origins: list[str],
+    ) -> None:
         self.litestar = litestar
         self.state = state
         self._cors = {origin.encode() for origin in cors_origins}
@@ -172,6 +188,7 @@ class GatewayApp:
     def _bind(proxy: OpenAIProxy, endpoint: Endpoint) -> Any:
         async def handle(scope: Any, receive: Any, send: Any) -> None:
             await proxy.proxy(endpoint, scope, receive, send)
+
         return handle
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -191,9 +208,12 @@ class GatewayApp:
 
         async def send_with_cors(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message["headers"],
-                                      (b"access-control-allow-origin", origin),
-                                      (b"access-control-expose-headers", _EXPOSE),
-                                      (b"vary", b"Origin")]
+                message["headers"] = [
+                    *message["headers"],
+                    (b"access-control-allow-origin", origin),
+                    (b"access-control-expose-headers", _EXPOSE),
+                    (b"vary", b"Origin"),
+                ]
             await send(message)
+
         return send_with_cors

@@ -15,6 +15,10 @@ Headers = list[tuple[bytes, bytes]]
 JSON = b"application/json"
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its request body was complete."""
+
+
 def header(scope: Scope, name: bytes) -> bytes | None:
     """First value of a request header; ``name`` must be lower-case."""
     for key, value in scope["headers"]:
@@ -38,7 +42,7 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected while sending the body")
+            raise ClientDisconnected("client disconnected while sending the body")
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)
@@ -50,14 +54,20 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def send_bytes(send: Any, status: int, body: bytes, headers: Headers,
-                     content_type: bytes = JSON) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", content_type),
-                    (b"content-length", str(len(body)).encode()), *headers],
-    })
+async def send_bytes(
+    send: Any, status: int, body: bytes, headers: Headers, content_type: bytes = JSON
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -86,7 +96,8 @@ class DisconnectWatch:
         self._task = asyncio.current_task()
         self._watcher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            delay_s, self._start)
+            delay_s, self._start
+        )
 
     def _start(self) -> None:
         self._timer = None

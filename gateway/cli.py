@@ -50,8 +50,10 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     replicas = sum(len(p.replicas) for p in config.pools)
-    print(f"{args.config}: OK ({len(config.pools)} pools, {replicas} replicas, "
-          f"bind {config.server.bind}, auth {'on' if config.auth.token else 'off'})")
+    print(
+        f"{args.config}: OK ({len(config.pools)} pools, {replicas} replicas, "
+        f"bind {config.server.bind}, auth {'on' if config.auth.token else 'off'})"
+    )
     return 0
 
 
@@ -60,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", "-c", required=True, help="path to orchgate.toml")
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     serve.set_defaults(func=_serve)
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="path to orchgate.toml")

@@ -120,12 +120,15 @@ def _check(config: Config) -> None:
             owner[name] = pool.id
         for j, replica in enumerate(pool.replicas):
             if replica.id in replica_ids:
-                raise ConfigError(f"pools[{i}].replicas[{j}].id: duplicate replica id {replica.id!r}")
+                raise ConfigError(
+                    f"pools[{i}].replicas[{j}].id: duplicate replica id {replica.id!r}"
+                )
             replica_ids.add(replica.id)
 
 
-def parse_config(data: str | bytes, *, source: str = "<config>",
-                 env: dict[str, str] | None = None) -> Config:
+def parse_config(
+    data: str | bytes, *, source: str = "<config>", env: dict[str, str] | None = None
+) -> Config:
     """Decode and validate TOML text; apply the token override from ``env``."""
     try:
         config = msgspec.toml.decode(data, type=Config)
@@ -143,8 +146,7 @@ def parse_config(data: str | bytes, *, source: str = "<config>",
     return config
 
 
-def config_from_mapping(data: dict[str, object], *,
-                        env: dict[str, str] | None = None) -> Config:
+def config_from_mapping(data: dict[str, object], *, env: dict[str, str] | None = None) -> Config:
     """Build a config from a mapping shaped like the TOML file (tests, embedded defaults)."""
     try:
         config = msgspec.convert(data, type=Config)

@@ -31,9 +31,15 @@ class Committed:
 
     __slots__ = ("attempts", "batches", "first", "lease", "reader", "upstream")
 
-    def __init__(self, lease: Lease, upstream: UpstreamResponse, attempts: int,
-                 reader: SseReader | None = None, batches: AsyncIterator[bytes] | None = None,
-                 first: bytes = b"") -> None:
+    def __init__(
+        self,
+        lease: Lease,
+        upstream: UpstreamResponse,
+        attempts: int,
+        reader: SseReader | None = None,
+        batches: AsyncIterator[bytes] | None = None,
+        first: bytes = b"",
+    ) -> None:
         self.lease = lease
         self.upstream = upstream
         self.attempts = attempts
@@ -105,4 +111,3 @@ async def dispatch(
         except BaseException:
             lease.release(observe=False)
             raise
-

@@ -51,7 +51,7 @@ def configure_logging(level: str = "INFO") -> None:
         level=level,
         stream=sys.stderr,
         format='{"ts": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", '
-               '"message": "%(message)s"}',
+        '"message": "%(message)s"}',
     )
     for noisy in ("httpx", "httpcore", "aiohttp.access", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -33,9 +33,7 @@ class PoolRuntime:
             unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
         )
         self.health = HealthMonitor(self.replicas, self.queue, config.health_interval_s)
-        self.upstream_model = {
-            r.id: r.upstream_model or self.canonical for r in config.replicas
-        }
+        self.upstream_model = {r.id: r.upstream_model or self.canonical for r in config.replicas}
 
     @property
     def engine(self) -> str:

@@ -46,7 +46,7 @@ def _translate_error_fields(events: bytes) -> bytes:
     out = []
     for line in events.split(b"\n"):
         if line.startswith(b"error:"):
-            payload = line[len(b"error:"):].strip()
+            payload = line[len(b"error:") :].strip()
             body = openai_error_body(500, payload)
             line = b"data: " + _encoder.encode(body)
         out.append(line)
@@ -68,7 +68,8 @@ class SseReader:
         stats.events += events.count(b"\n\n")
         if b"error:" in events and (events.startswith(b"error:") or b"\nerror:" in events):
             events = _translate_error_fields(events)
-        if b"[DONE]" in events:
+        # JSON strings hold no raw newlines, so only a real event can match these
+        if events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events:
             stats.done = True
         return events
 
@@ -99,8 +100,10 @@ async def first_events(reader: SseReader, batches: AsyncIterator[bytes]) -> byte
     except StopAsyncIteration:
         raise BackendFailed("upstream closed the stream before the first event") from None
     if first.startswith(b'data: {"error"'):
-        raise BackendFailed("upstream stream opened with an error event",
-                            body=openai_error_body(502, first[6:].split(b"\n", 1)[0]))
+        raise BackendFailed(
+            "upstream stream opened with an error event",
+            body=openai_error_body(502, first[6:].split(b"\n", 1)[0]),
+        )
     return first
 
 
@@ -112,13 +115,14 @@ async def relay_rest(reader: SseReader, batches: AsyncIterator[bytes]) -> AsyncI
             yield batch
     except BackendError as exc:
         stats.failed = "upstream_lost"
-        yield error_event(f"upstream failed mid-stream: {exc.message}",
-                          code="upstream_stream_error")
+        yield error_event(
+            f"upstream failed mid-stream: {exc.message}", code="upstream_stream_error"
+        )
         yield DONE
         return
     if not stats.done:
         stats.failed = "upstream_truncated"
-        yield error_event("upstream ended the stream without [DONE]",
-                          code="upstream_stream_truncated")
+        yield error_event(
+            "upstream ended the stream without [DONE]", code="upstream_stream_truncated"
+        )
         yield DONE
-

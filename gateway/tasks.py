@@ -104,12 +104,26 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 class Task:
-    __slots__ = ("_changed", "created_at", "decode_started", "engine", "error", "events",
-                 "finished_at", "id", "pool", "predicted_start_ms", "priority", "runner",
-                 "started_at", "state", "ticket", "tokens_out")
+    __slots__ = (
+        "_changed",
+        "created_at",
+        "decode_started",
+        "engine",
+        "error",
+        "events",
+        "finished_at",
+        "id",
+        "pool",
+        "predicted_start_ms",
+        "priority",
+        "runner",
+        "started_at",
+        "state",
+        "ticket",
+        "tokens_out",
+    )
 
-    def __init__(self, task_id: str, pool: PoolRuntime, priority: Priority,
-                 ticket: Ticket) -> None:
+    def __init__(self, task_id: str, pool: PoolRuntime, priority: Priority, ticket: Ticket) -> None:
         self.id = task_id
         self.pool = pool
         self.engine = pool.engine
@@ -142,8 +156,15 @@ class Task:
         self.state = TaskState.RUNNING
         self.started_at = time.time()
         self.decode_started = time.perf_counter()
-        self._append(sse("started", {"queue_position": self.ticket.position,
-                                     "predicted_start_ms": self.predicted_start_ms}))
+        self._append(
+            sse(
+                "started",
+                {
+                    "queue_position": self.ticket.position,
+                    "predicted_start_ms": self.predicted_start_ms,
+                },
+            )
+        )
 
     def token(self, text: str) -> None:
         if self.finished:
@@ -162,20 +183,28 @@ class Task:
         self.state = TaskState.CANCELLED if cancelled else TaskState.COMPLETED
         self.finished_at = time.time()
         decode_ms = self._decode_ms()
-        payload: dict[str, Any] = {"tokens_out": self.tokens_out, "decode_time_ms": decode_ms,
-                                   "decode_ms": decode_ms}
+        payload: dict[str, Any] = {
+            "tokens_out": self.tokens_out,
+            "decode_time_ms": decode_ms,
+            "decode_ms": decode_ms,
+        }
         if cancelled:
             payload["cancelled"] = True
         self._append(sse("end", payload))
 
-    def fail(self, code: str, message: str, *, retriable: bool,
-             retry_after_ms: int | None = None) -> None:
+    def fail(
+        self, code: str, message: str, *, retriable: bool, retry_after_ms: int | None = None
+    ) -> None:
         if self.finished:
             return
         self.state = TaskState.FAILED
         self.finished_at = time.time()
-        self.error = {"code": code, "message": message, "engine": self.engine,
-                      "retriable": retriable}
+        self.error = {
+            "code": code,
+            "message": message,
+            "engine": self.engine,
+            "retriable": retriable,
+        }
         if retry_after_ms is not None:
             self.error["retry_after_ms"] = retry_after_ms
         self._append(sse("error", self.error))
@@ -199,10 +228,16 @@ class Task:
     def view(self) -> dict[str, Any]:
         position = self.ticket.current_position() if self.state is TaskState.QUEUED else 0
         out: dict[str, Any] = {
-            "task_id": self.id, "state": self.state.value, "pool_id": self.pool.id,
-            "engine": self.engine, "priority": self.priority.value, "queue_position": position,
-            "tokens_out": self.tokens_out, "created_at": self.created_at,
-            "started_at": self.started_at, "finished_at": self.finished_at,
+            "task_id": self.id,
+            "state": self.state.value,
+            "pool_id": self.pool.id,
+            "engine": self.engine,
+            "priority": self.priority.value,
+            "queue_position": position,
+            "tokens_out": self.tokens_out,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
         }
         if self.error is not None:
             out["error"] = self.error
@@ -248,16 +283,24 @@ class TaskBook:
     def active(self) -> int:
         return sum(1 for t in self._tasks.values() if not t.finished)
 
-    def submit(self, task_id: str, pool: PoolRuntime, priority: Priority, ticket: Ticket,
-               payload: dict[str, Any], endpoint: Endpoint) -> Task:
+    def submit(
+        self,
+        task_id: str,
+        pool: PoolRuntime,
+        priority: Priority,
+        ticket: Ticket,
+        payload: dict[str, Any],
+        endpoint: Endpoint,
+    ) -> Task:
         """Start a task that already holds its admission ``ticket``. ``payload`` is the
         upstream body without ``model``, which is filled in per replica."""
         self._evict()
         task = Task(task_id, pool, priority, ticket)
         task.predicted_start_ms = int(pool.queue.wait_estimate_s(ticket.position) * 1000)
         self._tasks[task_id] = task
-        task.runner = asyncio.create_task(self._run(task, payload, endpoint),
-                                          name=f"task:{task_id}")
+        task.runner = asyncio.create_task(
+            self._run(task, payload, endpoint), name=f"task:{task_id}"
+        )
         return task
 
     def cancel(self, task: Task) -> CancelOutcome:
@@ -277,16 +320,29 @@ class TaskBook:
             await self._execute(task, payload, endpoint)
         except asyncio.CancelledError:
             # cancel() has already ended the task; otherwise the gateway is shutting down
-            task.fail("POOL_UNAVAILABLE", "the gateway is shutting down", retriable=True,
-                      retry_after_ms=1000)
+            task.fail(
+                "POOL_UNAVAILABLE",
+                "the gateway is shutting down",
+                retriable=True,
+                retry_after_ms=1000,
+            )
         except AdmissionError as error:
-            task.fail("POOL_UNAVAILABLE", str(error), retriable=True,
-                      retry_after_ms=int(error.retry_after_s * 1000))
+            task.fail(
+                "POOL_UNAVAILABLE",
+                str(error),
+                retriable=True,
+                retry_after_ms=int(error.retry_after_s * 1000),
+            )
         except BackendError as error:
             code, retriable = _error_code(error)
-            task.fail(code, error.message, retriable=retriable,
-                      retry_after_ms=int(error.retry_after_s * 1000)
-                      if error.retry_after_s is not None else None)
+            task.fail(
+                code,
+                error.message,
+                retriable=retriable,
+                retry_after_ms=int(error.retry_after_s * 1000)
+                if error.retry_after_s is not None
+                else None,
+            )
         except Exception as error:  # noqa: BLE001 - a task must end, whatever happened
             task.fail("INTERNAL", f"gateway error: {type(error).__name__}", retriable=False)
         finally:
@@ -326,8 +382,11 @@ class TaskBook:
             except msgspec.DecodeError:
                 continue
             if chunk.error is not None:
-                task.fail("WORKER_RESET", str(chunk.error.get("message", "upstream error")),
-                          retriable=True)
+                task.fail(
+                    "WORKER_RESET",
+                    str(chunk.error.get("message", "upstream error")),
+                    retriable=True,
+                )
                 return True
             for choice in chunk.choices:
                 text = choice.delta.content if choice.delta is not None else choice.text

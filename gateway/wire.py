@@ -86,8 +86,14 @@ def with_model(body: bytes, model: str) -> bytes:
 def models_list(names: list[tuple[str, str, str]], created: int) -> bytes:
     """``GET /v1/models``: OpenAI list shape; ``(id, canonical, pool)`` per name."""
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": "orchgate",
-         "root": canonical, "pool": pool}
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "orchgate",
+            "root": canonical,
+            "pool": pool,
+        }
         for name, canonical, pool in names
     ]
     return encoder.encode({"object": "list", "data": data})

@@ -71,8 +71,9 @@ class Lease:
 class _Waiter:
     __slots__ = ("avoid", "future", "priority")
 
-    def __init__(self, future: asyncio.Future[Lease], priority: Priority,
-                 avoid: Collection[str]) -> None:
+    def __init__(
+        self, future: asyncio.Future[Lease], priority: Priority, avoid: Collection[str]
+    ) -> None:
         self.future = future
         self.priority = priority
         self.avoid = avoid
@@ -84,8 +85,14 @@ class Ticket:
 
     __slots__ = ("_consumed", "_lease", "_queue", "_waiter", "position")
 
-    def __init__(self, queue: AdmissionQueue, *, lease: Lease | None = None,
-                 waiter: _Waiter | None = None, position: int = 0) -> None:
+    def __init__(
+        self,
+        queue: AdmissionQueue,
+        *,
+        lease: Lease | None = None,
+        waiter: _Waiter | None = None,
+        position: int = 0,
+    ) -> None:
         self._queue = queue
         self._lease = lease
         self._waiter = waiter
@@ -192,7 +199,9 @@ class AdmissionQueue:
         """Admit a request now, without awaiting: a ticket holding either a lease (a slot
         was free) or a place in the queue. Raises ``PoolUnready`` or ``QueueFull``."""
         if not self.is_ready():
-            raise PoolUnready("no replica of this pool is ready", retry_after_s=self.unready_retry_s)
+            raise PoolUnready(
+                "no replica of this pool is ready", retry_after_s=self.unready_retry_s
+            )
         if not self._has_waiters_ahead(priority):
             replica = choose_replica(self.replicas, avoid)
             if replica is not None:

@@ -36,7 +36,9 @@ def apply_probe(replica: ReplicaState, info: ReplicaInfo, queue: AdmissionQueue)
         log.warning("replica %s is not ready: %s", replica.replica_id, info.detail)
         if not queue.is_ready():
             queue.fail_waiters(
-                PoolUnready("the pool lost its last ready replica", retry_after_s=queue.unready_retry_s)
+                PoolUnready(
+                    "the pool lost its last ready replica", retry_after_s=queue.unready_retry_s
+                )
             )
 
 
@@ -48,8 +50,9 @@ def mark_unreachable(replica: ReplicaState, queue: AdmissionQueue, detail: str) 
 class HealthMonitor:
     """One probe loop per replica, owned by the gateway's lifespan."""
 
-    def __init__(self, replicas: list[ReplicaState], queue: AdmissionQueue,
-                 interval_s: float) -> None:
+    def __init__(
+        self, replicas: list[ReplicaState], queue: AdmissionQueue, interval_s: float
+    ) -> None:
         self._replicas = replicas
         self._queue = queue
         self._interval_s = interval_s
@@ -67,8 +70,9 @@ class HealthMonitor:
         wake = self._wake[replica.replica_id]
         while True:
             await self.probe_once(replica)
-            interval = self._interval_s if replica.ready else min(self._interval_s,
-                                                                  NOT_READY_INTERVAL_S)
+            interval = (
+                self._interval_s if replica.ready else min(self._interval_s, NOT_READY_INTERVAL_S)
+            )
             wake.clear()
             try:
                 await asyncio.wait_for(wake.wait(), timeout=interval)
@@ -87,8 +91,9 @@ class HealthMonitor:
         await asyncio.gather(*(self.probe_once(r) for r in self._replicas))
         for replica in self._replicas:
             self._wake[replica.replica_id] = asyncio.Event()
-            self._tasks.append(asyncio.create_task(self._loop(replica),
-                                                   name=f"health:{replica.replica_id}"))
+            self._tasks.append(
+                asyncio.create_task(self._loop(replica), name=f"health:{replica.replica_id}")
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -97,10 +97,17 @@ def llama_server() -> Path:
             _log("configuring llama.cpp")
             subprocess.run(
                 [
-                    "cmake", "-S", str(llama_cpp), "-B", str(build),
-                    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "cmake",
+                    "-S",
+                    str(llama_cpp),
+                    "-B",
+                    str(build),
+                    "-DCMAKE_BUILD_TYPE=Release",
+                    "-DBUILD_SHARED_LIBS=OFF",
+                    "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_OPENSSL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF",
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,

@@ -54,8 +54,9 @@ class Gateway:
         return sum(p.queue.depth() for p in self.state.pools.values())
 
 
-def pool(pool_id: str, models: list[str], replicas: list[dict[str, Any]],
-         **extra: Any) -> dict[str, Any]:
+def pool(
+    pool_id: str, models: list[str], replicas: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
     return {"id": pool_id, "models": models, "replicas": replicas, **extra}
 
 
@@ -78,6 +79,7 @@ def run_gateway(config: Config | dict[str, Any], tmp_path: Path) -> Iterator[Gat
 def gateway_factory(tmp_path: Path) -> Any:
     def factory(config: Config | dict[str, Any]) -> Any:
         return run_gateway(config, tmp_path)
+
     return factory
 
 
@@ -126,9 +128,24 @@ def start_llama_server(slots: int, log_path: Path) -> LlamaServer:
     port = free_port()
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-         "-np", str(slots), "-c", str(1024 * slots), "-t", "2", "--no-webui"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(binary),
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(slots),
+            "-c",
+            str(1024 * slots),
+            "-t",
+            "2",
+            "--no-webui",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -78,7 +78,7 @@ def test_env_token_overrides_file() -> None:
 
 
 def test_duplicate_ids_and_shared_models_are_rejected() -> None:
-    doubled = MINIMAL + MINIMAL[MINIMAL.index("[[pools]]"):]
+    doubled = MINIMAL + MINIMAL[MINIMAL.index("[[pools]]") :]
     with pytest.raises(ConfigError, match="duplicate pool id"):
         parse_config(doubled, env={})
     with pytest.raises(ConfigError, match="already served by pool"):
@@ -93,8 +93,14 @@ def test_bad_bind_and_bad_toml() -> None:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def test_check_config_cli(tmp_path: Path) -> None:
@@ -113,6 +119,7 @@ def test_serve_refuses_public_bind_without_token(tmp_path: Path) -> None:
     path = tmp_path / "public.toml"
     path.write_text(MINIMAL.replace("127.0.0.1:8080", "0.0.0.0:8080").replace('token = "t0k"', ""))
     import os
+
     env = {k: v for k, v in os.environ.items() if k != "ORCHGATE_API_TOKEN"}
     result = run_cli("serve", "--config", str(path), env=env)
     assert result.returncode == 2

@@ -27,8 +27,15 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture
 def gateway(llama_server: LlamaServer, gateway_factory: Any) -> Iterator[Gateway]:
-    config = {"pools": [pool("chat", [MODEL, "smol"], [
-        {"id": "llama0", "engine": "llamacpp", "url": llama_server.url + "/v1"}])]}
+    config = {
+        "pools": [
+            pool(
+                "chat",
+                [MODEL, "smol"],
+                [{"id": "llama0", "engine": "llamacpp", "url": llama_server.url + "/v1"}],
+            )
+        ]
+    }
     with gateway_factory(config) as gw:
         yield gw
 
@@ -55,7 +62,8 @@ def test_slots_discovered_from_props(gateway: Gateway, llama_server: LlamaServer
 
 def test_chat_non_stream(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0)
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0
+    )
     completion = raw.parse()
     assert raw.headers["x-request-id"]
     assert completion.object == "chat.completion"
@@ -70,8 +78,11 @@ def test_chat_via_alias(client: openai.OpenAI) -> None:
 
 
 def test_chat_stream_without_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, stream=True, temperature=0))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8, stream=True, temperature=0
+        )
+    )
     assert chunks, "no chunks"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert all(c.choices for c in chunks), "a usage-only chunk appeared without include_usage"
@@ -81,9 +92,15 @@ def test_chat_stream_without_usage_has_no_usage_chunk(client: openai.OpenAI) -> 
 
 
 def test_chat_stream_with_include_usage(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     last = chunks[-1]
     assert last.choices == []
     assert last.usage is not None and last.usage.completion_tokens == 8
@@ -91,10 +108,17 @@ def test_chat_stream_with_include_usage(client: openai.OpenAI) -> None:
 
 
 def test_stream_is_relayed_event_for_event_and_ends_with_done(
-        gateway: Gateway, llama_server: LlamaServer) -> None:
+    gateway: Gateway, llama_server: LlamaServer
+) -> None:
     """Byte-level: the gateway's SSE has exactly the events the backend sent."""
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "stream": True,
-            "seed": 7, "temperature": 0.8}
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 10,
+        "stream": True,
+        "seed": 7,
+        "temperature": 0.8,
+    }
 
     def events(url: str) -> list[bytes]:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
@@ -116,16 +140,21 @@ def test_stream_is_relayed_event_for_event_and_ends_with_done(
 def test_completions_non_stream_and_stream(client: openai.OpenAI) -> None:
     completion = client.completions.create(model=MODEL, prompt="The sky is", max_tokens=6)
     assert completion.choices[0].text
-    pieces = list(client.completions.create(model=MODEL, prompt="The sky is", max_tokens=6,
-                                            stream=True))
+    pieces = list(
+        client.completions.create(model=MODEL, prompt="The sky is", max_tokens=6, stream=True)
+    )
     assert "".join(p.choices[0].text for p in pieces if p.choices)
 
 
 def test_fixed_seed_gives_identical_text(client: openai.OpenAI) -> None:
     def run() -> str:
         completion = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Write a short poem."}],
-            max_tokens=24, temperature=1.0, seed=1234)
+            model=MODEL,
+            messages=[{"role": "user", "content": "Write a short poem."}],
+            max_tokens=24,
+            temperature=1.0,
+            seed=1234,
+        )
         return completion.choices[0].message.content or ""
 
     first, second = run(), run()
@@ -135,18 +164,29 @@ def test_fixed_seed_gives_identical_text(client: openai.OpenAI) -> None:
 def test_unknown_fields_pass_through(client: openai.OpenAI) -> None:
     # llama.cpp extras (top_k, n_probs) and OpenAI fields the gateway never reads
     completion = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=4, seed=3,
-        extra_body={"top_k": 1, "n_probs": 2, "cache_prompt": False})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        seed=3,
+        extra_body={"top_k": 1, "n_probs": 2, "cache_prompt": False},
+    )
     assert completion.choices[0].message.content is not None
 
 
 def test_client_walking_away_mid_stream_frees_the_llamacpp_slot(
-        gateway: Gateway, llama_server: LlamaServer) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to one thousand."}],
-            "max_tokens": 2000, "stream": True, "temperature": 0,
-            "ignore_eos": True}
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
-                      timeout=30) as response:
+    gateway: Gateway, llama_server: LlamaServer
+) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count to one thousand."}],
+        "max_tokens": 2000,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, timeout=30
+    ) as response:
         received = 0
         lines = response.iter_lines()  # keep a reference: a dropped iterator closes the stream
         for line in lines:
@@ -161,12 +201,19 @@ def test_client_walking_away_mid_stream_frees_the_llamacpp_slot(
 
 
 def test_request_id_is_echoed_and_propagated(gateway: Gateway) -> None:
-    r = httpx.post(gateway.url + "/v1/chat/completions", headers={"X-Request-Id": "abc-123"},
-                   json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2}, timeout=30)
+    r = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"X-Request-Id": "abc-123"},
+        json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2},
+        timeout=30,
+    )
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "abc-123"
-    r = httpx.post(gateway.url + "/v1/chat/completions",
-                   json={"model": "nope", "messages": MESSAGES}, timeout=30)
+    r = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "nope", "messages": MESSAGES},
+        timeout=30,
+    )
     assert r.status_code == 404 and len(r.headers["x-request-id"]) == 32
 
 
@@ -176,10 +223,10 @@ def test_concurrent_streams_all_complete(client: openai.OpenAI, gateway: Gateway
 
     def worker() -> None:
         try:
-            chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                    max_tokens=6, stream=True)
-            results.append("".join(c.choices[0].delta.content or "" for c in chunks
-                                   if c.choices))
+            chunks = client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=6, stream=True
+            )
+            results.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
         except BaseException as exc:  # noqa: BLE001 - collected for the assertion
             errors.append(exc)
 

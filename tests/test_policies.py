@@ -40,10 +40,12 @@ class Clock:
         return self.now
 
 
-def make_queue(*replicas: ReplicaState, capacity: int = 10, clock: Clock | None = None,
-               timeout: float = 60) -> AdmissionQueue:
-    return AdmissionQueue(list(replicas), capacity=capacity, queue_timeout_s=timeout,
-                          clock=clock or Clock())
+def make_queue(
+    *replicas: ReplicaState, capacity: int = 10, clock: Clock | None = None, timeout: float = 60
+) -> AdmissionQueue:
+    return AdmissionQueue(
+        list(replicas), capacity=capacity, queue_timeout_s=timeout, clock=clock or Clock()
+    )
 
 
 def test_placement_prefers_most_free_slots_and_avoids_failed() -> None:
@@ -70,8 +72,12 @@ async def test_interactive_before_batch_and_fifo_within_priority() -> None:
         lease.release()
 
     tasks = []
-    for name, prio in [("b1", Priority.BATCH), ("i1", Priority.INTERACTIVE),
-                       ("b2", Priority.BATCH), ("i2", Priority.INTERACTIVE)]:
+    for name, prio in [
+        ("b1", Priority.BATCH),
+        ("i1", Priority.INTERACTIVE),
+        ("b2", Priority.BATCH),
+        ("i2", Priority.INTERACTIVE),
+    ]:
         tasks.append(asyncio.create_task(waiter(name, prio)))
         await asyncio.sleep(0)
     assert queue.depth() == 4

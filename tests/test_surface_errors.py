@@ -36,22 +36,38 @@ def assert_envelope(response: httpx.Response, status: int, code: str | None = No
 
 
 def config(url: str, **server: Any) -> dict[str, Any]:
-    return {"server": server, "pools": [pool("p", ["m", "m-alias"], [
-        {"id": "f0", "engine": "openai", "url": url}], queue_capacity=2)]}
+    return {
+        "server": server,
+        "pools": [
+            pool(
+                "p",
+                ["m", "m-alias"],
+                [{"id": "f0", "engine": "openai", "url": url}],
+                queue_capacity=2,
+            )
+        ],
+    }
 
 
 @pytest.fixture
-def gw(fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any) -> Iterator[Gateway]:
+def gw(
+    fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any
+) -> Iterator[Gateway]:
     with gateway_factory(config(fake_upstream[1].url, max_body_bytes=4096)) as gateway:
         yield gateway
 
 
-def post(gw: Gateway, body: bytes | dict, path: str = "/v1/chat/completions",
-         **headers: str) -> httpx.Response:
+def post(
+    gw: Gateway, body: bytes | dict, path: str = "/v1/chat/completions", **headers: str
+) -> httpx.Response:
     if isinstance(body, dict):
         return httpx.post(gw.url + path, json=body, headers=headers, timeout=10)
-    return httpx.post(gw.url + path, content=body, timeout=10,
-                      headers={"content-type": "application/json", **headers})
+    return httpx.post(
+        gw.url + path,
+        content=body,
+        timeout=10,
+        headers={"content-type": "application/json", **headers},
+    )
 
 
 def test_malformed_json_is_400(gw: Gateway) -> None:
@@ -117,10 +133,12 @@ def test_bad_priority_header_is_400(gw: Gateway) -> None:
 
 def test_body_passes_through_byte_for_byte(gw: Gateway, fake_upstream: Any) -> None:
     fake, _ = fake_upstream
-    raw = (b'{"model":"m","messages":[{"role":"user","content":"h\\u00e9"}],'
-           b'"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],'
-           b'"response_format":{"type":"json_object"},"seed":42,"top_k":5,"min_p":0.1,'
-           b'"chat_template_kwargs":{"enable_thinking":false}}')
+    raw = (
+        b'{"model":"m","messages":[{"role":"user","content":"h\\u00e9"}],'
+        b'"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],'
+        b'"response_format":{"type":"json_object"},"seed":42,"top_k":5,"min_p":0.1,'
+        b'"chat_template_kwargs":{"enable_thinking":false}}'
+    )
     assert post(gw, raw).status_code == 200
     assert fake.bodies[-1] == raw
 
@@ -129,19 +147,37 @@ def test_alias_is_rewritten_to_the_canonical_model_only(gw: Gateway, fake_upstre
     fake, _ = fake_upstream
     assert post(gw, {**CHAT, "model": "m-alias", "top_k": 3}).status_code == 200
     import msgspec
+
     sent = msgspec.json.decode(fake.bodies[-1])
     assert sent == {**CHAT, "model": "m", "top_k": 3}
 
 
 def test_upstream_error_is_normalised(gw: Gateway) -> None:
-    body = {**CHAT, "fake": {"mode": "status", "status": 400, "body": {
-        "error": {"code": 400, "message": "bad sampler", "type": "invalid_request_error"}}}}
+    body = {
+        **CHAT,
+        "fake": {
+            "mode": "status",
+            "status": 400,
+            "body": {
+                "error": {"code": 400, "message": "bad sampler", "type": "invalid_request_error"}
+            },
+        },
+    }
     error = assert_envelope(post(gw, body), 400)
-    assert error == {"message": "bad sampler", "type": "invalid_request_error", "param": None,
-                     "code": None}
+    assert error == {
+        "message": "bad sampler",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
     # vLLM's older flat form, and a non-JSON body
-    body["fake"]["body"] = {"object": "error", "message": "flat", "type": "BadRequestError",
-                            "param": None, "code": 400}
+    body["fake"]["body"] = {
+        "object": "error",
+        "message": "flat",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
     assert assert_envelope(post(gw, body), 400)["message"] == "flat"
     body["fake"] = {"mode": "status", "status": 422, "body": "not json"}
     assert assert_envelope(post(gw, body), 422)["type"] == "invalid_request_error"
@@ -172,8 +208,11 @@ def authed(fake_upstream: Any, gateway_factory: Any) -> Iterator[Gateway]:
 def test_missing_token_is_401_and_wrong_token_is_403(authed: Gateway) -> None:
     for path in ("/v1/models", "/v1/pools/p/health"):
         assert_envelope(httpx.get(authed.url + path), 401, "invalid_api_key")
-        assert_envelope(httpx.get(authed.url + path, headers={"Authorization": "Bearer no"}),
-                        403, "invalid_api_key")
+        assert_envelope(
+            httpx.get(authed.url + path, headers={"Authorization": "Bearer no"}),
+            403,
+            "invalid_api_key",
+        )
     assert_envelope(post(authed, CHAT), 401)
     assert_envelope(post(authed, CHAT, Authorization="Basic " + TOKEN), 401)
     assert_envelope(post(authed, CHAT, Authorization="Bearer " + TOKEN + "x"), 403)
@@ -197,26 +236,36 @@ def test_token_never_reaches_the_upstream_or_the_log(authed: Gateway, fake_upstr
 
 
 def test_cors_is_off_by_default(gw: Gateway) -> None:
-    response = httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
-                          headers={"Origin": "http://ui.example"})
+    response = httpx.post(
+        gw.url + "/v1/chat/completions", json=CHAT, headers={"Origin": "http://ui.example"}
+    )
     assert "access-control-allow-origin" not in response.headers
 
 
 def test_cors_preflight_passes_without_auth_and_allows_stainless_headers(
-        fake_upstream: Any, gateway_factory: Any) -> None:
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     cfg = config(fake_upstream[1].url, cors={"allow_origins": ["http://ui.example"]})
     cfg["auth"] = {"token": TOKEN}
     with gateway_factory(cfg) as gateway:
         requested = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
-        preflight = httpx.options(gateway.url + "/v1/chat/completions", headers={
-            "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": requested})
+        preflight = httpx.options(
+            gateway.url + "/v1/chat/completions",
+            headers={
+                "Origin": "http://ui.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": requested,
+            },
+        )
         assert preflight.status_code in (200, 204)
         assert preflight.headers["access-control-allow-origin"] == "http://ui.example"
         allowed = preflight.headers["access-control-allow-headers"].lower()
         assert "x-stainless-os" in allowed and "authorization" in allowed
-        response = httpx.post(gateway.url + "/v1/chat/completions", json=CHAT, headers={
-            "Origin": "http://ui.example", "Authorization": "Bearer " + TOKEN})
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json=CHAT,
+            headers={"Origin": "http://ui.example", "Authorization": "Bearer " + TOKEN},
+        )
         assert response.status_code == 200
         assert response.headers["access-control-allow-origin"] == "http://ui.example"
         assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
@@ -236,15 +285,19 @@ def test_no_ready_replica_is_503_with_retry_after(fake_upstream: Any, gateway_fa
         assert 1 <= int(response.headers["retry-after"]) <= 120
         health = httpx.get(gateway.url + "/health")
         assert health.status_code == 503 and health.json()["pools"]["p"]["ready"] is False
-        assert httpx.get(gateway.url + "/v1/pools/p/health").json()["metrics"][
-            "replicas"][0]["detail"] == "Loading model"
+        assert (
+            httpx.get(gateway.url + "/v1/pools/p/health").json()["metrics"]["replicas"][0]["detail"]
+            == "Loading model"
+        )
         fake.healthy = True  # the model finished loading: served within a probe interval
         from tests.fakes.servers import wait_until
+
         assert wait_until(lambda: post(gateway, CHAT).status_code == 200, timeout=5)
 
 
 def test_unreachable_replica_is_503(gateway_factory: Any) -> None:
     from tests.conftest import free_port
+
     cfg = config(f"http://127.0.0.1:{free_port()}")
     with gateway_factory(cfg) as gateway:
         response = post(gateway, CHAT)

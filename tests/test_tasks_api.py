@@ -20,13 +20,24 @@ from tests.fakes.upstream import FakeUpstream
 
 
 def cfg(url: str, *, slots: int = 1, capacity: int = 8, **tasks: Any) -> dict[str, Any]:
-    return {"tasks": tasks, "pools": [pool("p", ["m"], [
-        {"id": "f0", "engine": "openai", "url": url, "slots": slots}],
-        queue_capacity=capacity, max_context_tokens=4096)]}
+    return {
+        "tasks": tasks,
+        "pools": [
+            pool(
+                "p",
+                ["m"],
+                [{"id": "f0", "engine": "openai", "url": url, "slots": slots}],
+                queue_capacity=capacity,
+                max_context_tokens=4096,
+            )
+        ],
+    }
 
 
 @pytest.fixture
-def gw(fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any) -> Iterator[Gateway]:
+def gw(
+    fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any
+) -> Iterator[Gateway]:
     with gateway_factory(cfg(fake_upstream[1].url, slots=2)) as gateway:
         yield gateway
 
@@ -58,14 +69,16 @@ def test_submit_stream_end_with_exact_shapes(gw: Gateway, fake_upstream: Any) ->
     assert r.status_code == 202
     body = r.json()
     assert set(body) == {"task_id", "queue_position", "predicted_start_ms", "backoff_ms"}
-    assert all(isinstance(body[k], int) for k in ("queue_position", "predicted_start_ms",
-                                                  "backoff_ms"))
+    assert all(
+        isinstance(body[k], int) for k in ("queue_position", "predicted_start_ms", "backoff_ms")
+    )
     events = read_events(gw, body["task_id"])
     names = [name for name, _ in events]
     assert names == ["started"] + ["token"] * 5 + ["end"]
     assert set(events[0][1]) == {"queue_position", "predicted_start_ms"}
     assert [data for name, data in events if name == "token"] == [
-        {"t": f"t{i} ", "i": i} for i in range(5)]
+        {"t": f"t{i} ", "i": i} for i in range(5)
+    ]
     end = events[-1][1]
     assert end["tokens_out"] == 5 and isinstance(end["decode_time_ms"], int)
     sent = msgspec.json.decode(fake.bodies[-1])
@@ -77,16 +90,16 @@ def test_submit_stream_end_with_exact_shapes(gw: Gateway, fake_upstream: Any) ->
 
 def test_tokens_before_attach_are_not_lost_and_replays_are_identical(gw: Gateway) -> None:
     task_id = submit(gw, params={"fake": {"chunks": 20}}).json()["task_id"]
-    assert wait_until(lambda: httpx.get(f"{gw.url}/v1/tasks/{task_id}").json()["state"]
-                      == "completed")
+    assert wait_until(
+        lambda: httpx.get(f"{gw.url}/v1/tasks/{task_id}").json()["state"] == "completed"
+    )
     first, second = read_events(gw, task_id), read_events(gw, task_id)
     assert first == second and len(first) == 22
 
 
 def test_messages_convenience_and_client_task_id(gw: Gateway, fake_upstream: Any) -> None:
     fake, _ = fake_upstream
-    r = submit(gw, task_id="my-task-1", prompt=None,
-               messages=[{"role": "user", "content": "hey"}])
+    r = submit(gw, task_id="my-task-1", prompt=None, messages=[{"role": "user", "content": "hey"}])
     assert r.status_code == 202 and r.json()["task_id"] == "my-task-1"
     assert read_events(gw, "my-task-1")[-1][0] == "end"
     assert msgspec.json.decode(fake.bodies[-1])["messages"][0]["content"] == "hey"
@@ -94,21 +107,24 @@ def test_messages_convenience_and_client_task_id(gw: Gateway, fake_upstream: Any
     assert duplicate.status_code == 409 and duplicate.json()["code"] == "INVALID_PARAMS"
 
 
-@pytest.mark.parametrize("body,needle", [
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
-    ({"prompt": "x", "priority": "urgent"}, "priority"),
-    ({"prompt": "x", "ctx": 10_000}, "context limit"),
-    ({"prompt": "x" * 20_000, "max_tokens": 10}, "exceeds the context"),
-    ({"prompt": "x", "max_tokens": 5000}, "exceeds the context"),
-    ({"prompt": None}, "exactly one of"),
-    ({"prompt": "x", "inputs": ["y"]}, "exactly one of"),
-    ({"prompt": "x", "model_ref": "nope"}, "unknown model_ref"),
-    ({"prompt": "x", "engine": "vllm"}, "does not match"),
-    ({"prompt": "x", "workload": "embedding"}, "not served"),
-    ({"prompt": "x", "workload": "dance"}, "workload"),
-    ({"prompt": "x", "deadline_ms": -1}, "deadline_ms"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
+        ({"prompt": "x", "priority": "urgent"}, "priority"),
+        ({"prompt": "x", "ctx": 10_000}, "context limit"),
+        ({"prompt": "x" * 20_000, "max_tokens": 10}, "exceeds the context"),
+        ({"prompt": "x", "max_tokens": 5000}, "exceeds the context"),
+        ({"prompt": None}, "exactly one of"),
+        ({"prompt": "x", "inputs": ["y"]}, "exactly one of"),
+        ({"prompt": "x", "model_ref": "nope"}, "unknown model_ref"),
+        ({"prompt": "x", "engine": "vllm"}, "does not match"),
+        ({"prompt": "x", "workload": "embedding"}, "not served"),
+        ({"prompt": "x", "workload": "dance"}, "workload"),
+        ({"prompt": "x", "deadline_ms": -1}, "deadline_ms"),
+    ],
+)
 def test_invalid_params(gw: Gateway, body: dict[str, Any], needle: str) -> None:
     r = submit(gw, **body)
     assert r.status_code == 400
@@ -120,8 +136,11 @@ def test_invalid_params(gw: Gateway, body: dict[str, Any], needle: str) -> None:
 def test_malformed_body_and_unknown_ids(gw: Gateway) -> None:
     r = httpx.post(gw.url + "/v1/tasks", content=b"{nope", timeout=5)
     assert r.status_code == 400 and r.json()["code"] == "INVALID_PARAMS"
-    for method, path in [("GET", "/v1/tasks/none"), ("GET", "/v1/tasks/none/stream"),
-                         ("POST", "/v1/tasks/none/cancel")]:
+    for method, path in [
+        ("GET", "/v1/tasks/none"),
+        ("GET", "/v1/tasks/none/stream"),
+        ("POST", "/v1/tasks/none/cancel"),
+    ]:
         r = httpx.request(method, gw.url + path, timeout=5)
         assert r.status_code == 404 and r.json()["code"] == "NOT_FOUND"
 
@@ -131,8 +150,15 @@ def test_cancel_answers(gw: Gateway) -> None:
     assert httpx.post(f"{gw.url}/v1/tasks/{task_id}/cancel").status_code == 204
     assert httpx.post(f"{gw.url}/v1/tasks/{task_id}/cancel").status_code == 204  # idempotent
     events = read_events(gw, task_id)
-    assert events[-1] == ("end", {"tokens_out": 0, "decode_time_ms": events[-1][1][
-        "decode_time_ms"], "decode_ms": events[-1][1]["decode_ms"], "cancelled": True})
+    assert events[-1] == (
+        "end",
+        {
+            "tokens_out": 0,
+            "decode_time_ms": events[-1][1]["decode_time_ms"],
+            "decode_ms": events[-1][1]["decode_ms"],
+            "cancelled": True,
+        },
+    )
     done = submit(gw, params={"fake": {"chunks": 1}}).json()["task_id"]
     read_events(gw, done)
     r = httpx.post(f"{gw.url}/v1/tasks/{done}/cancel")
@@ -141,14 +167,20 @@ def test_cancel_answers(gw: Gateway) -> None:
 
 
 def test_interactive_before_batch_fifo_within_priority(
-        fake_upstream: Any, gateway_factory: Any) -> None:
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
     with gateway_factory(cfg(server.url, slots=1)) as gw:
         holder = submit(gw, prompt="hold", params={"fake": {"chunks": 1, "delay_s": 0.5}})
         assert holder.status_code == 202
         assert wait_until(lambda: gw.slots_in_use() == 1)
-        order = [("b1", "batch"), ("i1", "interactive"), ("b2", "batch"),
-                 ("i2", "interactive"), ("b3", "batch")]
+        order = [
+            ("b1", "batch"),
+            ("i1", "interactive"),
+            ("b2", "batch"),
+            ("i2", "interactive"),
+            ("b3", "batch"),
+        ]
         positions = []
         for name, priority in order:
             r = submit(gw, prompt=name, priority=priority, params={"fake": {"chunks": 1}})
@@ -161,8 +193,9 @@ def test_interactive_before_batch_fifo_within_priority(
         assert served == ["hold", "i1", "i2", "b1", "b2", "b3"]
 
 
-def test_openai_requests_share_the_queue_and_priority(fake_upstream: Any,
-                                                      gateway_factory: Any) -> None:
+def test_openai_requests_share_the_queue_and_priority(
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
     with gateway_factory(cfg(server.url, slots=1)) as gw:
         submit(gw, prompt="hold", params={"fake": {"chunks": 1, "delay_s": 0.4}})
@@ -170,21 +203,26 @@ def test_openai_requests_share_the_queue_and_priority(fake_upstream: Any,
         threads = []
         for name, priority in [("b", "batch"), ("i", "interactive")]:
             body = {"model": "m", "messages": [{"role": "user", "content": name}]}
-            t = threading.Thread(target=httpx.post, args=(gw.url + "/v1/chat/completions",),
-                                 kwargs={"json": body, "headers": {"X-Priority": priority},
-                                         "timeout": 10})
+            t = threading.Thread(
+                target=httpx.post,
+                args=(gw.url + "/v1/chat/completions",),
+                kwargs={"json": body, "headers": {"X-Priority": priority}, "timeout": 10},
+            )
             t.start()
             threads.append(t)
-            assert wait_until(lambda n=len(threads): gw.queue_depth() == n)
+            expected = len(threads)
+            assert wait_until(lambda: gw.queue_depth() == expected)  # noqa: B023
         for t in threads:
             t.join()
-        order = [msgspec.json.decode(b).get("messages", [{}])[0].get("content") for b in
-                 fake.bodies[1:]]
+        order = [
+            msgspec.json.decode(b).get("messages", [{}])[0].get("content") for b in fake.bodies[1:]
+        ]
         assert order == ["i", "b"]
 
 
 def test_full_queue_is_429_on_both_surfaces_with_backoff_headers(
-        fake_upstream: Any, gateway_factory: Any) -> None:
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
     with gateway_factory(cfg(server.url, slots=1, capacity=1)) as gw:
         hang = {"fake": {"mode": "hang"}}
@@ -198,10 +236,14 @@ def test_full_queue_is_429_on_both_surfaces_with_backoff_headers(
         assert body["engine"] == "openai" and body["retry_after_ms"] > 0
         assert "policy_label" not in body
         assert 1 <= int(r.headers["retry-after"]) <= 120
-        assert r.headers["x-backoff-ms"] == r.headers["retry-after-ms"] == str(
-            body["retry_after_ms"])
-        o = httpx.post(gw.url + "/v1/chat/completions", timeout=5,
-                       json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert (
+            r.headers["x-backoff-ms"] == r.headers["retry-after-ms"] == str(body["retry_after_ms"])
+        )
+        o = httpx.post(
+            gw.url + "/v1/chat/completions",
+            timeout=5,
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert o.status_code == 429
         assert o.json()["error"]["type"] == "rate_limit_error"
         assert o.json()["error"]["code"] == "queue_full"
@@ -212,18 +254,21 @@ def test_full_queue_is_429_on_both_surfaces_with_backoff_headers(
         assert wait_until(lambda: fake.active == 0)
 
 
-def test_retry_after_tracks_the_observed_service_rate(fake_upstream: Any,
-                                                      gateway_factory: Any) -> None:
+def test_retry_after_tracks_the_observed_service_rate(
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
 
     def retry_after_after(service_s: float) -> int:
         with gateway_factory(cfg(server.url, slots=1, capacity=1)) as gw:
             for _ in range(2):  # teach the pool its service time
-                task_id = submit(gw, params={"fake": {"chunks": 1, "delay_s": service_s}}
-                                 ).json()["task_id"]
+                task_id = submit(gw, params={"fake": {"chunks": 1, "delay_s": service_s}}).json()[
+                    "task_id"
+                ]
                 read_events(gw, task_id)
-            hold = [submit(gw, params={"fake": {"mode": "hang"}}).json()["task_id"]
-                    for _ in range(2)]
+            hold = [
+                submit(gw, params={"fake": {"mode": "hang"}}).json()["task_id"] for _ in range(2)
+            ]
             r = submit(gw)
             assert r.status_code == 429
             for task_id in hold:
@@ -246,8 +291,9 @@ def test_pool_unready_is_503(fake_upstream: Any, gateway_factory: Any) -> None:
         assert r.headers["retry-after"]
 
 
-@pytest.mark.parametrize("mode,code", [("reset_after", "WORKER_RESET"),
-                                       ("error_event", "WORKER_RESET")])
+@pytest.mark.parametrize(
+    "mode,code", [("reset_after", "WORKER_RESET"), ("error_event", "WORKER_RESET")]
+)
 def test_upstream_failure_mid_task_is_an_error_event(gw: Gateway, mode: str, code: str) -> None:
     task_id = submit(gw, params={"fake": {"mode": mode, "chunks": 3}}).json()["task_id"]
     events = read_events(gw, task_id)
@@ -260,20 +306,35 @@ def test_upstream_failure_mid_task_is_an_error_event(gw: Gateway, mode: str, cod
 def test_upstream_client_error_before_start_is_an_error_event(gw: Gateway) -> None:
     task_id = submit(gw, params={"fake": {"mode": "status", "status": 400}}).json()["task_id"]
     events = read_events(gw, task_id)
-    assert events == [("error", {"code": "INVALID_PARAMS", "message": "fake failure",
-                                 "engine": "openai", "retriable": False})]
+    assert events == [
+        (
+            "error",
+            {
+                "code": "INVALID_PARAMS",
+                "message": "fake failure",
+                "engine": "openai",
+                "retriable": False,
+            },
+        )
+    ]
 
 
 def test_cancel_in_a_tight_loop_never_yields_a_token_after_the_ack(
-        fake_upstream: Any, gateway_factory: Any) -> None:
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
     rng = random.Random(7)
     with gateway_factory(cfg(server.url, slots=2, capacity=16)) as gw:
         with httpx.Client(base_url=gw.url, timeout=10) as client:
             for _ in range(100):
-                task_id = client.post("/v1/tasks", json={
-                    "model_ref": "m", "prompt": "x",
-                    "params": {"fake": {"chunks": 400, "delay_s": 0}}}).json()["task_id"]
+                task_id = client.post(
+                    "/v1/tasks",
+                    json={
+                        "model_ref": "m",
+                        "prompt": "x",
+                        "params": {"fake": {"chunks": 400, "delay_s": 0}},
+                    },
+                ).json()["task_id"]
                 time.sleep(rng.choice([0, 0, 0.001, 0.003, 0.01]))
                 assert client.post(f"/v1/tasks/{task_id}/cancel").status_code in (204, 409)
                 acked = client.get(f"/v1/tasks/{task_id}").json()
@@ -283,13 +344,14 @@ def test_cancel_in_a_tight_loop_never_yields_a_token_after_the_ack(
                     continue  # finished before the cancel landed: a 409, not a cancel
                 assert names[-1] == "end" and events[-1][1]["cancelled"] is True
                 assert names.count("token") == acked["tokens_out"]
-                assert "token" not in names[names.index("end"):]
+                assert "token" not in names[names.index("end") :]
         assert wait_until(lambda: gw.slots_in_use() == 0 and gw.queue_depth() == 0)
         assert wait_until(lambda: fake.active == 0, timeout=3)
 
 
-def test_thousand_mixed_requests_leave_nothing_behind(fake_upstream: Any,
-                                                      gateway_factory: Any) -> None:
+def test_thousand_mixed_requests_leave_nothing_behind(
+    fake_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
     with gateway_factory(cfg(server.url, slots=4, capacity=64)) as gw:
         statuses = asyncio.run(_mixed_load(gw.url, 1000, concurrency=32))
@@ -303,28 +365,38 @@ async def _mixed_load(url: str, total: int, *, concurrency: int) -> dict[int, in
     rng = random.Random(1234)
     statuses: dict[int, int] = {}
     sem = asyncio.Semaphore(concurrency)
-    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}],
-            "fake": {"chunks": 10, "delay_s": 0.002}}
+    chat = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "fake": {"chunks": 10, "delay_s": 0.002},
+    }
 
     async def one(client: httpx.AsyncClient, kind: int) -> None:
         async with sem:
             status = 0
             try:
                 if kind == 0:  # streaming client that walks away early
-                    async with client.stream("POST", "/v1/chat/completions",
-                                             json={**chat, "stream": True}) as r:
+                    async with client.stream(
+                        "POST", "/v1/chat/completions", json={**chat, "stream": True}
+                    ) as r:
                         status = r.status_code
                         async for _ in r.aiter_bytes():
                             if rng.random() < 0.5:
                                 break
                 elif kind == 1:  # non-stream with a client timeout
-                    r = await client.post("/v1/chat/completions", json=chat,
-                                          timeout=rng.choice([0.005, 5.0]))
+                    r = await client.post(
+                        "/v1/chat/completions", json=chat, timeout=rng.choice([0.005, 5.0])
+                    )
                     status = r.status_code
                 else:  # task, sometimes cancelled, sometimes streamed to the end
-                    r = await client.post("/v1/tasks", json={
-                        "model_ref": "m", "prompt": "x",
-                        "params": {"fake": {"chunks": 10, "delay_s": 0.002}}})
+                    r = await client.post(
+                        "/v1/tasks",
+                        json={
+                            "model_ref": "m",
+                            "prompt": "x",
+                            "params": {"fake": {"chunks": 10, "delay_s": 0.002}},
+                        },
+                    )
                     status = r.status_code
                     if status == 202:
                         task_id = r.json()["task_id"]
@@ -364,9 +436,13 @@ def test_task_routes_require_the_token(fake_upstream: Any, gateway_factory: Any)
     with gateway_factory(config) as gw:
         r = httpx.post(gw.url + "/v1/tasks", json={"prompt": "x"})
         assert r.status_code == 401 and r.json()["code"] == "UNAUTHORIZED"
-        r = httpx.post(gw.url + "/v1/tasks", json={"prompt": "x"},
-                       headers={"Authorization": "Bearer bad"})
+        r = httpx.post(
+            gw.url + "/v1/tasks", json={"prompt": "x"}, headers={"Authorization": "Bearer bad"}
+        )
         assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN"
-        r = httpx.post(gw.url + "/v1/tasks", json={"prompt": "x", "params": {
-            "fake": {"chunks": 1}}}, headers={"Authorization": "Bearer tok"})
+        r = httpx.post(
+            gw.url + "/v1/tasks",
+            json={"prompt": "x", "params": {"fake": {"chunks": 1}}},
+            headers={"Authorization": "Bearer tok"},
+        )
         assert r.status_code == 202

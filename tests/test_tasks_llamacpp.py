@@ -19,8 +19,16 @@ pytestmark = pytest.mark.llamacpp
 
 @pytest.fixture
 def gw(llama_server: LlamaServer, gateway_factory: Any) -> Iterator[Gateway]:
-    config = {"pools": [pool("chat", ["smollm2-135m"], [
-        {"id": "llama0", "engine": "llamacpp", "url": llama_server.url}], queue_capacity=4)]}
+    config = {
+        "pools": [
+            pool(
+                "chat",
+                ["smollm2-135m"],
+                [{"id": "llama0", "engine": "llamacpp", "url": llama_server.url}],
+                queue_capacity=4,
+            )
+        ]
+    }
     with gateway_factory(config) as gateway:
         yield gateway
 
@@ -49,12 +57,18 @@ def test_chat_task_from_messages(gw: Gateway) -> None:
 
 
 def test_cancel_running_task_stops_tokens_and_frees_the_slot(
-        gw: Gateway, llama_server: LlamaServer) -> None:
-    r = submit(gw, prompt="Count slowly from one to one thousand:", max_tokens=900,
-               params={"ignore_eos": True})
+    gw: Gateway, llama_server: LlamaServer
+) -> None:
+    r = submit(
+        gw,
+        prompt="Count slowly from one to one thousand:",
+        max_tokens=900,
+        params={"ignore_eos": True},
+    )
     task_id = r.json()["task_id"]
-    assert wait_until(lambda: httpx.get(f"{gw.url}/v1/tasks/{task_id}").json()["tokens_out"]
-                      >= 5, timeout=20)
+    assert wait_until(
+        lambda: httpx.get(f"{gw.url}/v1/tasks/{task_id}").json()["tokens_out"] >= 5, timeout=20
+    )
     assert llama_server.busy_slots() == 1
     assert httpx.post(f"{gw.url}/v1/tasks/{task_id}/cancel").status_code == 204
     acked = httpx.get(f"{gw.url}/v1/tasks/{task_id}").json()["tokens_out"]
@@ -64,11 +78,17 @@ def test_cancel_running_task_stops_tokens_and_frees_the_slot(
     assert [n for n, _ in events].count("token") == acked < 900
 
 
-def test_full_queue_gives_429_with_backoff(llama_server: LlamaServer,
-                                          gateway_factory: Any) -> None:
-    config = {"pools": [pool("chat", ["smollm2-135m"], [
-        {"id": "llama0", "engine": "llamacpp", "url": llama_server.url, "slots": 1}],
-        queue_capacity=1)]}
+def test_full_queue_gives_429_with_backoff(llama_server: LlamaServer, gateway_factory: Any) -> None:
+    config = {
+        "pools": [
+            pool(
+                "chat",
+                ["smollm2-135m"],
+                [{"id": "llama0", "engine": "llamacpp", "url": llama_server.url, "slots": 1}],
+                queue_capacity=1,
+            )
+        ]
+    }
     with gateway_factory(config) as gw:
         long = {"prompt": "Write a long story:", "max_tokens": 900, "params": {"ignore_eos": True}}
         running = submit(gw, **long).json()["task_id"]
@@ -87,8 +107,13 @@ def test_full_queue_gives_429_with_backoff(llama_server: LlamaServer,
 @pytest.mark.parametrize("seed", [1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008])
 def test_determinism_smoke_8_seeds(gw: Gateway, seed: int) -> None:
     def transcript() -> bytes:
-        task_id = submit(gw, prompt="Tell me about the sea.", max_tokens=24, seed=seed,
-                         params={"temperature": 1.0, "cache_prompt": False}).json()["task_id"]
+        task_id = submit(
+            gw,
+            prompt="Tell me about the sea.",
+            max_tokens=24,
+            seed=seed,
+            params={"temperature": 1.0, "cache_prompt": False},
+        ).json()["task_id"]
         with httpx.stream("GET", f"{gw.url}/v1/tasks/{task_id}/stream", timeout=30) as r:
             raw = b"".join(r.iter_bytes())
         # everything but the timing in `end` must be byte-identical
@@ -102,7 +127,12 @@ def test_determinism_smoke_8_seeds(gw: Gateway, seed: int) -> None:
 def test_different_seeds_give_different_streams(gw: Gateway) -> None:
     outputs = set()
     for seed in (1001, 1002, 1003, 1004):
-        task_id = submit(gw, prompt="Tell me about the sea.", max_tokens=24, seed=seed,
-                         params={"temperature": 1.0, "cache_prompt": False}).json()["task_id"]
+        task_id = submit(
+            gw,
+            prompt="Tell me about the sea.",
+            max_tokens=24,
+            seed=seed,
+            params={"temperature": 1.0, "cache_prompt": False},
+        ).json()["task_id"]
         outputs.add("".join(d["t"] for n, d in read_events(gw, task_id) if n == "token"))
     assert len(outputs) > 1

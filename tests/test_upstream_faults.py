@@ -22,9 +22,18 @@ MSG = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def gw(fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any) -> Iterator[Gateway]:
-    cfg = {"pools": [pool("p", ["m"], [{"id": "f0", "engine": "openai",
-                                         "url": fake_upstream[1].url, "slots": 2}])]}
+def gw(
+    fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any
+) -> Iterator[Gateway]:
+    cfg = {
+        "pools": [
+            pool(
+                "p",
+                ["m"],
+                [{"id": "f0", "engine": "openai", "url": fake_upstream[1].url, "slots": 2}],
+            )
+        ]
+    }
     with gateway_factory(cfg) as gateway:
         yield gateway
 
@@ -34,14 +43,18 @@ def client_for(gw: Gateway) -> openai.OpenAI:
 
 
 def test_stream_relays_every_event(gw: Gateway) -> None:
-    chunks = list(client_for(gw).chat.completions.create(
-        model="m", messages=MSG, stream=True, extra_body={"fake": {"chunks": 40}}))
+    chunks = list(
+        client_for(gw).chat.completions.create(
+            model="m", messages=MSG, stream=True, extra_body={"fake": {"chunks": 40}}
+        )
+    )
     assert [c.choices[0].delta.content for c in chunks] == [f"t{i} " for i in range(40)]
 
 
 @pytest.mark.parametrize("phase", ["hang", "hang_after_headers"])
 def test_disconnect_while_waiting_for_first_byte_closes_upstream(
-        gw: Gateway, fake_upstream: Any, phase: str) -> None:
+    gw: Gateway, fake_upstream: Any, phase: str
+) -> None:
     fake, _ = fake_upstream
     body = {"model": "m", "messages": MSG, "stream": True, "fake": {"mode": phase}}
 
@@ -62,13 +75,15 @@ def test_disconnect_while_waiting_for_first_byte_closes_upstream(
 def test_disconnect_while_queued_frees_the_place(gw: Gateway, fake_upstream: Any) -> None:
     fake, _ = fake_upstream
     hang = {"model": "m", "messages": MSG, "fake": {"mode": "hang"}}
-    holders = [threading.Thread(target=lambda: _post_ignoring_timeout(gw, hang, 1.5))
-               for _ in range(2)]
+    holders = [
+        threading.Thread(target=lambda: _post_ignoring_timeout(gw, hang, 1.5)) for _ in range(2)
+    ]
     for t in holders:
         t.start()
     assert wait_until(lambda: gw.slots_in_use() == 2)
     queued = threading.Thread(
-        target=lambda: _post_ignoring_timeout(gw, {"model": "m", "messages": MSG}, 0.5))
+        target=lambda: _post_ignoring_timeout(gw, {"model": "m", "messages": MSG}, 0.5)
+    )
     queued.start()
     assert wait_until(lambda: gw.queue_depth() == 1)
     queued.join()  # the client gave up while queued: its place is freed at once
@@ -86,14 +101,18 @@ def _post_ignoring_timeout(gw: Gateway, body: dict[str, Any], timeout: float) ->
         pass
 
 
-@pytest.mark.parametrize("mode,expected", [
-    ("reset_after", "upstream failed mid-stream"),
-    ("error_event", "engine exploded"),
-    ("llamacpp_error", "slot crashed"),
-    ("no_done", "without [DONE]"),
-])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("reset_after", "upstream failed mid-stream"),
+        ("error_event", "engine exploded"),
+        ("llamacpp_error", "slot crashed"),
+        ("no_done", "without [DONE]"),
+    ],
+)
 def test_failure_after_first_byte_is_an_in_band_error_then_done(
-        gw: Gateway, mode: str, expected: str) -> None:
+    gw: Gateway, mode: str, expected: str
+) -> None:
     body = {"model": "m", "messages": MSG, "stream": True, "fake": {"mode": mode, "chunks": 3}}
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=10) as r:
         assert r.status_code == 200
@@ -103,7 +122,8 @@ def test_failure_after_first_byte_is_an_in_band_error_then_done(
     assert sum(e.startswith(b'data: {"id"') for e in events) == 3
     # the SDK raises on the in-band error instead of returning a silently cut reply
     stream = client_for(gw).chat.completions.create(
-        model="m", messages=MSG, stream=True, extra_body={"fake": {"mode": mode, "chunks": 3}})
+        model="m", messages=MSG, stream=True, extra_body={"fake": {"mode": mode, "chunks": 3}}
+    )
     with pytest.raises(openai.APIError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         for _ in stream:
             pass
@@ -111,8 +131,12 @@ def test_failure_after_first_byte_is_an_in_band_error_then_done(
 
 
 def test_error_before_first_event_is_an_http_error(gw: Gateway) -> None:
-    body = {"model": "m", "messages": MSG, "stream": True,
-            "fake": {"mode": "error_event", "chunks": 0}}
+    body = {
+        "model": "m",
+        "messages": MSG,
+        "stream": True,
+        "fake": {"mode": "error_event", "chunks": 0},
+    }
     response = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=10)
     assert response.status_code == 502
     assert response.json()["error"]["message"] == "engine exploded"
@@ -120,8 +144,11 @@ def test_error_before_first_event_is_an_http_error(gw: Gateway) -> None:
 
 
 def test_upstream_429_passes_retry_after(gw: Gateway) -> None:
-    body = {"model": "m", "messages": MSG,
-            "fake": {"mode": "status", "status": 429, "retry_after": 0}}
+    body = {
+        "model": "m",
+        "messages": MSG,
+        "fake": {"mode": "status", "status": 429, "retry_after": 0},
+    }
     response = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=10)
     assert response.status_code == 429
     assert response.json()["error"]["type"] == "rate_limit_error"
@@ -138,20 +165,31 @@ def test_client_error_is_not_retried(gw: Gateway, fake_upstream: Any) -> None:
     assert response.headers["x-orchgate-attempts"] == "1"
 
 
-def test_failing_replica_fails_over_to_a_live_one(fake_upstream: Any,
-                                                  gateway_factory: Any) -> None:
+def test_failing_replica_fails_over_to_a_live_one(fake_upstream: Any, gateway_factory: Any) -> None:
     fake, server = fake_upstream
     sick = FakeUpstream()
     sick.reset_posts = True  # passes its health probe, resets every request
     sick_server = AiohttpThread(sick.app)
     sick_server.start()
-    cfg = {"pools": [pool("p", ["m"], [
-        {"id": "sick", "engine": "openai", "url": sick_server.url, "slots": 8},
-        {"id": "live", "engine": "openai", "url": server.url, "slots": 1}])]}
+    cfg = {
+        "pools": [
+            pool(
+                "p",
+                ["m"],
+                [
+                    {"id": "sick", "engine": "openai", "url": sick_server.url, "slots": 8},
+                    {"id": "live", "engine": "openai", "url": server.url, "slots": 1},
+                ],
+            )
+        ]
+    }
     try:
         with gateway_factory(cfg) as gateway:
-            response = httpx.post(gateway.url + "/v1/chat/completions",
-                                  json={"model": "m", "messages": MSG}, timeout=10)
+            response = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                json={"model": "m", "messages": MSG},
+                timeout=10,
+            )
             assert response.status_code == 200
             assert response.headers["x-orchgate-replica"] == "live"
             assert response.headers["x-orchgate-attempts"] == "2"

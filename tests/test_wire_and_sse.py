@@ -14,8 +14,10 @@ from gateway.wire import parse_routing_view, with_model
 
 
 def test_routing_view_reads_only_what_it_needs() -> None:
-    view = parse_routing_view(b'{"model":"m","messages":[{"a":1}],"stream":true,'
-                              b'"tools":[{"deep":{"er":[1,2,3]}}]}', Endpoint.CHAT)
+    view = parse_routing_view(
+        b'{"model":"m","messages":[{"a":1}],"stream":true,"tools":[{"deep":{"er":[1,2,3]}}]}',
+        Endpoint.CHAT,
+    )
     assert view.model == "m" and view.stream is True
     with pytest.raises(InvalidJson):
         parse_routing_view(b"{", Endpoint.CHAT)
@@ -30,27 +32,49 @@ def test_with_model_keeps_every_other_field() -> None:
     assert out == '{"model":"b","x":{"y":[1,"é"]},"z":null}'.encode()
 
 
-@pytest.mark.parametrize("raw,expected", [
-    (b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}',
-     {"message": "Loading model", "type": "service_unavailable_error", "param": None,
-      "code": None}),
-    (b'{"object":"error","message":"m","type":"BadRequestError","param":"n","code":400}',
-     {"message": "m", "type": "invalid_request_error", "param": "n", "code": None}),
-    (b'{"error":{"message":"k","type":"invalid_request_error","param":null,"code":"bad_key"}}',
-     {"message": "k", "type": "invalid_request_error", "param": None, "code": "bad_key"}),
-    (b"<html>oops</html>",
-     {"message": "<html>oops</html>", "type": "service_unavailable_error", "param": None,
-      "code": None}),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (
+            b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}',
+            {
+                "message": "Loading model",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": None,
+            },
+        ),
+        (
+            b'{"object":"error","message":"m","type":"BadRequestError","param":"n","code":400}',
+            {"message": "m", "type": "invalid_request_error", "param": "n", "code": None},
+        ),
+        (
+            b'{"error":{"message":"k","type":"invalid_request_error","param":null,"code":"bad_key"}}',
+            {"message": "k", "type": "invalid_request_error", "param": None, "code": "bad_key"},
+        ),
+        (
+            b"<html>oops</html>",
+            {
+                "message": "<html>oops</html>",
+                "type": "service_unavailable_error",
+                "param": None,
+                "code": None,
+            },
+        ),
+    ],
+)
 def test_openai_error_body(raw: bytes, expected: dict) -> None:
-    assert openai_error_body(503 if b"html" in raw or b"503" in raw else 400, raw)["error"] \
-        == expected
+    assert (
+        openai_error_body(503 if b"html" in raw or b"503" in raw else 400, raw)["error"] == expected
+    )
 
 
 def test_status_classes() -> None:
     assert error_from_status(503, b"", replica_id="r", engine="e", retry_after="3").retryable
-    assert error_from_status(503, b"", replica_id="r", engine="e",
-                             retry_after="3").retry_after_s == 3.0
+    assert (
+        error_from_status(503, b"", replica_id="r", engine="e", retry_after="3").retry_after_s
+        == 3.0
+    )
     assert error_from_status(500, b"", replica_id="r", engine="e", retry_after=None).retryable
     assert not error_from_status(400, b"", replica_id="r", engine="e", retry_after=None).retryable
     assert not error_from_status(404, b"", replica_id="r", engine="e", retry_after=None).retryable
@@ -82,17 +106,24 @@ async def collect(parts: list[bytes]) -> list[bytes]:
 
 
 async def test_events_are_never_split_or_reordered() -> None:
-    out = await collect([b"data: {\"a\"", b":1}\n", b"\ndata: {\"b\":2}\n\ndata: {\"c\"",
-                         b":3}\n\ndata: [DONE]\n\n"])
+    out = await collect(
+        [b'data: {"a"', b":1}\n", b'\ndata: {"b":2}\n\ndata: {"c"', b":3}\n\ndata: [DONE]\n\n"]
+    )
     # whole events only, as soon as they are complete, in upstream order
     assert out == [b'data: {"a":1}\n\ndata: {"b":2}\n\n', b'data: {"c":3}\n\ndata: [DONE]\n\n']
 
 
 async def test_llamacpp_error_line_is_translated() -> None:
-    out = await collect([b'data: {"a":1}\n\n', b'error: {"code":500,"message":"boom",'
-                         b'"type":"server_error"}\n\n', b"data: [DONE]\n\n"])
-    assert out[1] == (b'data: {"error":{"message":"boom","type":"server_error","param":null,'
-                      b'"code":null}}\n\n')
+    out = await collect(
+        [
+            b'data: {"a":1}\n\n',
+            b'error: {"code":500,"message":"boom","type":"server_error"}\n\n',
+            b"data: [DONE]\n\n",
+        ]
+    )
+    assert out[1] == (
+        b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n'
+    )
 
 
 async def test_truncated_stream_gets_error_and_done() -> None:

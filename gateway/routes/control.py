@@ -60,8 +60,10 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
     async def health() -> Response[dict[str, Any]]:
         pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
         ready = all(p["ready"] for p in pools.values())
-        return Response({"status": "ok" if ready else "unready", "live": True, "ready": ready,
-                         "pools": pools}, status_code=200 if ready else 503)
+        return Response(
+            {"status": "ok" if ready else "unready", "live": True, "ready": ready, "pools": pools},
+            status_code=200 if ready else 503,
+        )
 
     @get("/v1/pools/{pool_id:str}/health", guards=guards)
     async def pool_health(pool_id: str) -> dict[str, Any]:
@@ -71,8 +73,9 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
         loads = await asyncio.gather(*(_engine_load(r) for r in pool.replicas))
         metrics = pool_summary(pool)
         metrics["queue_depth_by_priority"] = {p.value: pool.queue.depth(p) for p in Priority}
-        metrics["replicas"] = [_replica_view(r, load) for r, load in zip(pool.replicas, loads)]
-        return {"live": True, "ready": pool.queue.is_ready(), "draining": False,
-                "metrics": metrics}
+        metrics["replicas"] = [
+            _replica_view(r, load) for r, load in zip(pool.replicas, loads, strict=True)
+        ]
+        return {"live": True, "ready": pool.queue.is_ready(), "draining": False, "metrics": metrics}
 
     return [health, pool_health]

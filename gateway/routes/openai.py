@@ -12,11 +12,20 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from backends.base import Endpoint, UpstreamCall
 from backends.errors import BackendError, BackendOverloaded
-from gateway.asgi import DisconnectWatch, Headers, header, read_body, send_bytes, send_error
+from gateway.asgi import (
+    ClientDisconnected,
+    DisconnectWatch,
+    Headers,
+    header,
+    read_body,
+    send_bytes,
+    send_error,
+)
 from gateway.auth import TokenCheck
 from gateway.dispatch import Committed, dispatch
 from gateway.errors import (
@@ -73,11 +82,27 @@ def admission_error(error: AdmissionError) -> GatewayError:
     return PoolUnavailable(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
 
 
+def call_factory(
+    pool: PoolRuntime, endpoint: Endpoint, body: bytes, model: str, stream: bool, rid: str
+) -> Callable[[str], UpstreamCall]:
+    """Builds the call for whichever replica placement picks: the body goes as it is,
+    unless that replica knows the model under another name (an alias was used)."""
+    patched: dict[str, bytes] = {}
+
+    def make_call(replica_id: str) -> UpstreamCall:
+        target = pool.upstream_model[replica_id]
+        payload = body
+        if target != model:
+            payload = patched.get(target) or patched.setdefault(target, with_model(body, target))
+        return UpstreamCall(endpoint, payload, stream, rid)
+
+    return make_call
+
+
 class _Exchange:
     """Per-request bookkeeping for the access log."""
 
-    __slots__ = ("attempts", "events", "first_byte", "pool", "replica", "engine", "status",
-                 "error")
+    __slots__ = ("attempts", "events", "first_byte", "pool", "replica", "engine", "status", "error")
 
     def __init__(self) -> None:
         self.status = 500
@@ -117,8 +142,9 @@ class OpenAIProxy:
         await send_bytes(send, 200, self.state.models_body, headers)
 
     # -- POST chat / completions / embeddings --------------------------------------------
-    async def proxy(self, endpoint: Endpoint, scope: dict[str, Any], receive: Any,
-                    send: Any) -> None:
+    async def proxy(
+        self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
         started = time.perf_counter()
         rid = request_id(scope)
         headers: Headers = [(b"x-request-id", rid.encode())]
@@ -126,50 +152,29 @@ class OpenAIProxy:
         watch: DisconnectWatch | None = None
         committed: Committed | None = None
         try:
+            pool, priority, make_call = await self._prepare(endpoint, scope, receive, rid, ex)
+            watch = DisconnectWatch(receive)
             try:
-                if scope["method"] != "POST":
-                    raise MethodNotAllowed("use POST for this route")
-                self.auth.check(header(scope, b"authorization"))
-                body = await read_body(scope, receive, self.max_body)
-                view = parse_routing_view(body, endpoint)
-                model: str = view.model  # type: ignore[assignment]  # checked by the view
-                pool = self.pool_for(model)
-                priority = parse_priority(header(scope, b"x-priority"))
-                stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
-                ex.pool, ex.engine = pool.id, pool.engine
-                patched: dict[str, bytes] = {}
-
-                def make_call(replica_id: str) -> UpstreamCall:
-                    target = pool.upstream_model[replica_id]
-                    payload = body
-                    if target != model:
-                        payload = patched.get(target) or patched.setdefault(
-                            target, with_model(body, target))
-                    return UpstreamCall(endpoint, payload, stream, rid)
-
-                watch = DisconnectWatch(receive)
                 committed = await dispatch(pool, priority, make_call)
             except AdmissionError as error:
                 raise admission_error(error) from None
             ex.replica = committed.lease.replica.replica_id
             ex.attempts = committed.attempts
-            headers += [(b"x-orchgate-replica", ex.replica.encode()),
-                        (b"x-orchgate-attempts", str(committed.attempts).encode())]
-            ex.status = 200
+            headers += [
+                (b"x-orchgate-replica", ex.replica.encode()),
+                (b"x-orchgate-attempts", str(committed.attempts).encode()),
+            ]
             if committed.batches is not None:
                 await self._stream(committed, send, headers, watch, ex, started)
             else:
-                response_body = await committed.upstream.read()
-                ex.first_byte = time.perf_counter()
-                watch.finish()
-                await send_bytes(send, committed.upstream.status, response_body, headers,
-                                 committed.upstream.content_type.encode())
-                ex.status = committed.upstream.status
+                await self._whole(committed, send, headers, watch, ex)
         except GatewayError as error:
             ex.status, ex.error = error.status, error.code
             await send_error(send, error, headers)
         except BackendError as error:
             await self._send_backend_error(send, error, headers, ex)
+        except ClientDisconnected:
+            ex.status, ex.error = 499, "client_disconnected"
         except asyncio.CancelledError:
             if watch is None or not watch.disconnected:
                 raise
@@ -181,10 +186,50 @@ class OpenAIProxy:
                 await committed.aclose()
             self._log(scope, rid, ex, started)
 
-    async def _stream(self, committed: Committed, send: Any, headers: Headers,
-                      watch: DisconnectWatch, ex: _Exchange, started: float) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": _SSE_HEADERS + headers})
+    async def _prepare(
+        self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, rid: str, ex: _Exchange
+    ) -> tuple[PoolRuntime, Priority, Callable[[str], UpstreamCall]]:
+        """Everything before admission: method, auth, body, routing fields, pool, priority."""
+        if scope["method"] != "POST":
+            raise MethodNotAllowed("use POST for this route")
+        self.auth.check(header(scope, b"authorization"))
+        body = await read_body(scope, receive, self.max_body)
+        view = parse_routing_view(body, endpoint)
+        model: str = view.model  # type: ignore[assignment]  # checked by the view
+        pool = self.pool_for(model)
+        priority = parse_priority(header(scope, b"x-priority"))
+        stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
+        ex.pool, ex.engine = pool.id, pool.engine
+        return pool, priority, call_factory(pool, endpoint, body, model, stream, rid)
+
+    async def _whole(
+        self,
+        committed: Committed,
+        send: Any,
+        headers: Headers,
+        watch: DisconnectWatch,
+        ex: _Exchange,
+    ) -> None:
+        body = await committed.upstream.read()
+        ex.first_byte = time.perf_counter()
+        watch.finish()
+        upstream = committed.upstream
+        await send_bytes(send, upstream.status, body, headers, upstream.content_type.encode())
+        ex.status = upstream.status
+
+    async def _stream(
+        self,
+        committed: Committed,
+        send: Any,
+        headers: Headers,
+        watch: DisconnectWatch,
+        ex: _Exchange,
+        started: float,
+    ) -> None:
+        ex.status = 200
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers}
+        )
         await send({"type": "http.response.body", "body": committed.first, "more_body": True})
         ex.first_byte = time.perf_counter()
         assert committed.reader is not None and committed.batches is not None
@@ -194,8 +239,13 @@ class OpenAIProxy:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must still end the stream properly
-            await send({"type": "http.response.body", "more_body": True,
-                        "body": error_event(f"gateway error: {type(exc).__name__}") + DONE})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "more_body": True,
+                    "body": error_event(f"gateway error: {type(exc).__name__}") + DONE,
+                }
+            )
             ex.error = "internal_error"
         ex.events = committed.reader.stats.events
         if committed.reader.stats.failed:
@@ -203,27 +253,41 @@ class OpenAIProxy:
         watch.finish()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _send_backend_error(self, send: Any, error: BackendError, headers: Headers,
-                                  ex: _Exchange) -> None:
+    async def _send_backend_error(
+        self, send: Any, error: BackendError, headers: Headers, ex: _Exchange
+    ) -> None:
         ex.status = backend_error_status(error)
         ex.error = "upstream_error"
         ex.attempts = error.attempts
         ex.replica = error.replica_id or None
         extra = [(b"x-orchgate-attempts", str(error.attempts).encode())]
         if isinstance(error, BackendOverloaded) and error.retry_after_s is not None:
-            extra += [(k.lower().encode(), v.encode())
-                      for k, v in backoff_headers(error.retry_after_s).items()]
+            extra += [
+                (k.lower().encode(), v.encode())
+                for k, v in backoff_headers(error.retry_after_s).items()
+            ]
         await send_bytes(send, ex.status, error.encoded_body(), headers + extra)
 
     def _log(self, scope: dict[str, Any], rid: str, ex: _Exchange, started: float) -> None:
         if not self.log.enabled:
             return
         end = time.perf_counter()
-        self.log.write(AccessRecord(
-            ts=time.time(), method=scope["method"], path=scope["path"], status=ex.status,
-            duration_ms=round((end - started) * 1000, 3), request_id=rid, pool=ex.pool,
-            replica=ex.replica, engine=ex.engine, attempts=ex.attempts,
-            ttfb_ms=None if ex.first_byte is None else round((ex.first_byte - started) * 1000, 3),
-            events=ex.events, error=ex.error,
-        ))
-
+        self.log.write(
+            AccessRecord(
+                ts=time.time(),
+                method=scope["method"],
+                path=scope["path"],
+                status=ex.status,
+                duration_ms=round((end - started) * 1000, 3),
+                request_id=rid,
+                pool=ex.pool,
+                replica=ex.replica,
+                engine=ex.engine,
+                attempts=ex.attempts,
+                ttfb_ms=None
+                if ex.first_byte is None
+                else round((ex.first_byte - started) * 1000, 3),
+                events=ex.events,
+                error=ex.error,
+            )
+        )

@@ -25,8 +25,16 @@ _CHARS_PER_TOKEN = 4  # a conservative prompt-size estimate without a tokenizer
 
 
 class TaskError(Exception):
-    def __init__(self, status: int, code: str, message: str, *, engine: str | None = None,
-                 retriable: bool | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        engine: str | None = None,
+        retriable: bool | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body: dict[str, Any] = {"code": code, "message": message, "engine": engine}
@@ -50,8 +58,11 @@ def _render(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any
         return Response(exc.body, status_code=exc.status, headers=exc.headers)
     if isinstance(exc, GatewayError):
         code = _AUTH_CODES.get(exc.status, "INVALID_PARAMS" if exc.status < 500 else "INTERNAL")
-        return Response({"code": code, "message": exc.message, "engine": None},
-                        status_code=exc.status, headers=exc.headers)
+        return Response(
+            {"code": code, "message": exc.message, "engine": None},
+            status_code=exc.status,
+            headers=exc.headers,
+        )
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = _AUTH_CODES.get(status, "INVALID_PARAMS" if status < 500 else "INTERNAL")
     message = str(exc.detail) if isinstance(exc, HTTPException) else "internal gateway error"
@@ -72,8 +83,9 @@ def _resolve_pool(state: GatewayState, req: TaskRequest) -> PoolRuntime:
     return state.pools[pool_id]
 
 
-def _payload(req: TaskRequest, pool: PoolRuntime, max_tokens: int) -> tuple[dict[str, Any],
-                                                                          Endpoint, int]:
+def _payload(
+    req: TaskRequest, pool: PoolRuntime, max_tokens: int
+) -> tuple[dict[str, Any], Endpoint, int]:
     """The upstream body (without ``model``), its endpoint and the prompt's size in chars."""
     given = [f for f in ("prompt", "inputs", "messages") if getattr(req, f) is not None]
     if len(given) != 1:
@@ -99,12 +111,14 @@ def _guard_context(req: TaskRequest, pool: PoolRuntime, max_tokens: int, prompt_
     limit = pool.config.max_context_tokens
     ctx = req.ctx if req.ctx is not None else limit
     if ctx > limit:
-        raise _invalid(f"ctx {ctx} exceeds the pool's context limit of {limit} tokens",
-                       pool.engine)
+        raise _invalid(f"ctx {ctx} exceeds the pool's context limit of {limit} tokens", pool.engine)
     needed = prompt_chars // _CHARS_PER_TOKEN + max_tokens
     if needed > ctx:
-        raise _invalid(f"prompt (~{prompt_chars // _CHARS_PER_TOKEN} tokens) plus max_tokens "
-                       f"{max_tokens} exceeds the context of {ctx} tokens", pool.engine)
+        raise _invalid(
+            f"prompt (~{prompt_chars // _CHARS_PER_TOKEN} tokens) plus max_tokens "
+            f"{max_tokens} exceeds the context of {ctx} tokens",
+            pool.engine,
+        )
 
 
 def _lookup(book: TaskBook, task_id: str) -> Task:
@@ -114,41 +128,76 @@ def _lookup(book: TaskBook, task_id: str) -> Task:
     return task
 
 
+def _parse(state: GatewayState, raw: bytes) -> tuple[TaskRequest, PoolRuntime]:
+    try:
+        req = _decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _invalid(f"invalid task request: {exc}") from None
+    pool = _resolve_pool(state, req)
+    if req.workload is not Workload.COMPLETION:
+        raise _invalid(
+            f"workload {req.workload.value!r} is not served by the task API; use /v1/embeddings",
+            pool.engine,
+        )
+    if req.engine is not None and req.engine != pool.engine:
+        raise _invalid(
+            f"engine {req.engine!r} does not match the pool's engine {pool.engine!r}",
+            pool.engine,
+        )
+    return req, pool
+
+
+def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
+    """Validate a submit, admit it into its pool's queue (429/503 now, not later), start it."""
+    req, pool = _parse(state, raw)
+    max_tokens = req.max_tokens or state.config.tasks.default_max_tokens
+    payload, endpoint, prompt_chars = _payload(req, pool, max_tokens)
+    _guard_context(req, pool, max_tokens, prompt_chars)
+    task_id = req.task_id or book.new_id()
+    if book.get(task_id) is not None:
+        raise TaskError(
+            409,
+            "INVALID_PARAMS",
+            f"task_id {task_id!r} already exists",
+            engine=pool.engine,
+            retriable=False,
+        )
+    try:
+        ticket = pool.queue.enqueue(req.priority)
+    except QueueFull as exc:
+        raise TaskError(
+            429,
+            "ADMISSION_REJECT",
+            "the pool's queue is full",
+            engine=pool.engine,
+            retriable=True,
+            retry_after_s=exc.retry_after_s,
+        ) from None
+    except PoolUnready as exc:
+        raise TaskError(
+            503,
+            "POOL_UNREADY",
+            "no replica of the pool is ready",
+            engine=pool.engine,
+            retriable=True,
+            retry_after_s=exc.retry_after_s,
+        ) from None
+    return book.submit(task_id, pool, req.priority, ticket, payload, endpoint)
+
+
 def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Router:
     @post("/v1/tasks", status_code=202)
     async def submit(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-        try:
-            req = _decoder.decode(await request.body())
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise _invalid(f"invalid task request: {exc}") from None
-        pool = _resolve_pool(state, req)
-        if req.workload is not Workload.COMPLETION:
-            raise _invalid(f"workload {req.workload.value!r} is not served by the task API; "
-                           "use /v1/embeddings", pool.engine)
-        if req.engine is not None and req.engine != pool.engine:
-            raise _invalid(f"engine {req.engine!r} does not match the pool's engine "
-                           f"{pool.engine!r}", pool.engine)
-        max_tokens = req.max_tokens or state.config.tasks.default_max_tokens
-        payload, endpoint, prompt_chars = _payload(req, pool, max_tokens)
-        _guard_context(req, pool, max_tokens, prompt_chars)
-        task_id = req.task_id or book.new_id()
-        if book.get(task_id) is not None:
-            raise TaskError(409, "INVALID_PARAMS", f"task_id {task_id!r} already exists",
-                            engine=pool.engine, retriable=False)
-        try:
-            ticket = pool.queue.enqueue(req.priority)
-        except QueueFull as exc:
-            raise TaskError(429, "ADMISSION_REJECT", "the pool's queue is full",
-                            engine=pool.engine, retriable=True,
-                            retry_after_s=exc.retry_after_s) from None
-        except PoolUnready as exc:
-            raise TaskError(503, "POOL_UNREADY", "no replica of the pool is ready",
-                            engine=pool.engine, retriable=True,
-                            retry_after_s=exc.retry_after_s) from None
-        task = book.submit(task_id, pool, req.priority, ticket, payload, endpoint)
-        return Response({"task_id": task.id, "queue_position": ticket.position,
-                         "predicted_start_ms": task.predicted_start_ms, "backoff_ms": 0},
-                        status_code=202)
+        task = admit_task(state, book, await request.body())
+        return Response(
+            {
+                "task_id": task.id,
+                "queue_position": task.ticket.position,
+                "predicted_start_ms": task.predicted_start_ms,
+                "backoff_ms": 0,
+            },
+            status_code=202,
+        )
 
     @get("/v1/tasks/{task_id:str}")
     async def status(task_id: str) -> dict[str, Any]:
@@ -157,17 +206,32 @@ def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Ro
     @get("/v1/tasks/{task_id:str}/stream")
     async def stream(task_id: str) -> Stream:
         task = _lookup(book, task_id)
-        return Stream(task.frames(), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Stream(
+            task.frames(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @post("/v1/tasks/{task_id:str}/cancel", status_code=204)
     async def cancel(task_id: str) -> None:
         task = _lookup(book, task_id)
         if book.cancel(task) is CancelOutcome.ALREADY_FINISHED:
-            raise TaskError(409, "INVALID_PARAMS",
-                            f"task {task_id!r} already {task.state.value}; nothing to cancel",
-                            engine=task.engine, retriable=False)
+            raise TaskError(
+                409,
+                "INVALID_PARAMS",
+                f"task {task_id!r} already {task.state.value}; nothing to cancel",
+                engine=task.engine,
+                retriable=False,
+            )
 
-    return Router(path="/", route_handlers=[submit, status, stream, cancel], guards=guards,
-                  exception_handlers={TaskError: _render, GatewayError: _render,
-                                      HTTPException: _render, Exception: _render})
+    return Router(
+        path="/",
+        route_handlers=[submit, status, stream, cancel],
+        guards=guards,
+        exception_handlers={
+            TaskError: _render,
+            GatewayError: _render,
+            HTTPException: _render,
+            Exception: _render,
+        },
+    )

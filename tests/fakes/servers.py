@@ -21,9 +21,17 @@ class UvicornThread:
     """An ASGI app served by uvicorn (uvloop + httptools, as in production) on port 0."""
 
     def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", http="httptools",
-                                lifespan="on", log_level="warning", access_log=False,
-                                proxy_headers=False)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.port = 0
@@ -71,9 +79,12 @@ class AiohttpThread:
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=15)
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self._make_app(), handle_signals=False,
-                                     handler_cancellation=True,  # see a client leave
-                                     shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            self._make_app(),
+            handle_signals=False,
+            handler_cancellation=True,  # see a client leave
+            shutdown_timeout=1.0,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -81,8 +92,10 @@ class AiohttpThread:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the server's loop (to read its state safely)."""
+
         async def run() -> Any:
             return fn()
+
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=5)
 
     def stop(self) -> None:

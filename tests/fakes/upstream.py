@@ -29,9 +29,13 @@ _encoder = msgspec.json.Encoder()
 
 
 def chunk(i: int, content: str, *, finish: str | None = None) -> bytes:
-    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
-            "model": "fake", "choices": [{"index": 0, "delta": {"content": content},
-                                          "finish_reason": finish}]}
+    body = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "fake",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    }
     return b"data: " + _encoder.encode(body) + b"\n\n"
 
 
@@ -56,19 +60,30 @@ class FakeUpstream:
     async def health(self, request: web.Request) -> web.Response:
         if self.healthy:
             return web.json_response({"status": "ok"})
-        return web.json_response({"error": {"code": 503, "message": "Loading model",
-                                            "type": "unavailable_error"}}, status=503)
+        return web.json_response(
+            {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+            status=503,
+        )
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model",
-                                                               "created": 1, "owned_by": "me"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "fake", "object": "model", "created": 1, "owned_by": "me"}],
+            }
+        )
 
     async def embeddings(self, request: web.Request) -> web.Response:
         raw = await request.read()
         self.bodies.append(raw)
-        return web.json_response({"object": "list", "data": [
-            {"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
-            "model": "fake", "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                "model": "fake",
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -90,8 +105,9 @@ class FakeUpstream:
         finally:
             self.active -= 1
 
-    async def _dispatch(self, request: web.Request, body: dict[str, Any],
-                        spec: dict[str, Any], mode: str) -> web.StreamResponse:
+    async def _dispatch(
+        self, request: web.Request, body: dict[str, Any], spec: dict[str, Any], mode: str
+    ) -> web.StreamResponse:
         delay = float(spec.get("delay_s", 0))
         chunks = int(spec.get("chunks", 3))
         if mode == "hang":
@@ -100,8 +116,16 @@ class FakeUpstream:
             headers = {}
             if "retry_after" in spec:
                 headers["Retry-After"] = str(spec["retry_after"])
-            payload = spec.get("body", {"error": {"message": "fake failure", "code": spec["status"],
-                                                  "type": "server_error"}})
+            payload = spec.get(
+                "body",
+                {
+                    "error": {
+                        "message": "fake failure",
+                        "code": spec["status"],
+                        "type": "server_error",
+                    }
+                },
+            )
             return web.json_response(payload, status=int(spec["status"]), headers=headers)
         if mode == "reset_before_headers":
             assert request.transport is not None
@@ -109,12 +133,22 @@ class FakeUpstream:
             return web.Response()
         if mode == "json":
             await asyncio.sleep(delay)
-            return web.json_response({
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
-                "model": body.get("model"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return web.json_response(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body.get("model"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "ok"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if mode == "hang_after_headers":
@@ -127,11 +161,14 @@ class FakeUpstream:
             request.transport.abort()
             return response
         if mode == "error_event":
-            await response.write(b'data: {"error": {"message": "engine exploded", '
-                                 b'"type": "server_error", "code": 500}}\n\n')
+            await response.write(
+                b'data: {"error": {"message": "engine exploded", '
+                b'"type": "server_error", "code": 500}}\n\n'
+            )
         elif mode == "llamacpp_error":
-            await response.write(b'error: {"code": 500, "message": "slot crashed", '
-                                 b'"type": "server_error"}\n\n')
+            await response.write(
+                b'error: {"code": 500, "message": "slot crashed", "type": "server_error"}\n\n'
+            )
         if mode != "no_done":
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -30,9 +30,14 @@ WORDS = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel", "ind
 
 
 class VLLMSimulator:
-    def __init__(self, served_model: str = "Qwen/Qwen2.5-0.5B-Instruct", *,
-                 token_delay_s: float = 0.0, max_num_seqs: int = 8,
-                 version: str = "0.11.2") -> None:
+    def __init__(
+        self,
+        served_model: str = "Qwen/Qwen2.5-0.5B-Instruct",
+        *,
+        token_delay_s: float = 0.0,
+        max_num_seqs: int = 8,
+        version: str = "0.11.2",
+    ) -> None:
         self.served_model = served_model
         self.token_delay_s = token_delay_s
         self.max_num_seqs = max_num_seqs
@@ -63,10 +68,23 @@ class VLLMSimulator:
         return web.json_response({"version": self.version})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{
-            "id": self.served_model, "object": "model", "created": int(time.time()),
-            "owned_by": "vllm", "root": self.served_model, "parent": None,
-            "max_model_len": 2048, "permission": []}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.served_model,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "vllm",
+                        "root": self.served_model,
+                        "parent": None,
+                        "max_model_len": 2048,
+                        "permission": [],
+                    }
+                ],
+            }
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         label = f'{{engine="0",model_name="{self.served_model}"}}'
@@ -85,8 +103,10 @@ class VLLMSimulator:
     # -- errors in vLLM's shape ----------------------------------------------------------
     @staticmethod
     def _error(status: int, message: str, type_: str, param: str | None = None) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": type_, "param": param,
-                                            "code": status}}, status=status)
+        return web.json_response(
+            {"error": {"message": message, "type": type_, "param": param, "code": status}},
+            status=status,
+        )
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
@@ -97,8 +117,9 @@ class VLLMSimulator:
             return self._error(400, "body must be an object", "BadRequestError")
         self.bodies.append(body)
         if body.get("model") != self.served_model:
-            return self._error(404, f"The model `{body.get('model')}` does not exist.",
-                               "NotFoundError", "model")
+            return self._error(
+                404, f"The model `{body.get('model')}` does not exist.", "NotFoundError", "model"
+            )
         return body
 
     # -- generation ------------------------------------------------------------------------
@@ -127,12 +148,18 @@ class VLLMSimulator:
         body = await self._body(request)
         if isinstance(body, web.Response):
             return body
-        return web.json_response({"object": "list", "model": self.served_model, "data": [
-            {"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}],
-            "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        return web.json_response(
+            {
+                "object": "list",
+                "model": self.served_model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
+            }
+        )
 
-    async def _generate(self, request: web.Request, body: dict[str, Any],
-                        *, chat: bool) -> web.StreamResponse:
+    async def _generate(
+        self, request: web.Request, body: dict[str, Any], *, chat: bool
+    ) -> web.StreamResponse:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_num_seqs)
         self.waiting += 1
@@ -160,22 +187,48 @@ class VLLMSimulator:
 
     def _whole(self, body: dict[str, Any], tokens: list[str], *, chat: bool) -> dict[str, Any]:
         text = "".join(tokens)
-        usage = {"prompt_tokens": 7, "completion_tokens": len(tokens),
-                 "total_tokens": 7 + len(tokens)}
+        usage = {
+            "prompt_tokens": 7,
+            "completion_tokens": len(tokens),
+            "total_tokens": 7 + len(tokens),
+        }
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text,
-                                              "tool_calls": []},
-                      "logprobs": None, "finish_reason": "length", "stop_reason": None}
-            return {"id": "chatcmpl-sim", "object": "chat.completion", "created": 1,
-                    "model": self.served_model, "choices": [choice], "usage": usage,
-                    "prompt_logprobs": None}
-        return {"id": "cmpl-sim", "object": "text_completion", "created": 1,
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+            return {
+                "id": "chatcmpl-sim",
+                "object": "chat.completion",
+                "created": 1,
                 "model": self.served_model,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
-                             "finish_reason": "length", "stop_reason": None}], "usage": usage}
+                "choices": [choice],
+                "usage": usage,
+                "prompt_logprobs": None,
+            }
+        return {
+            "id": "cmpl-sim",
+            "object": "text_completion",
+            "created": 1,
+            "model": self.served_model,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                }
+            ],
+            "usage": usage,
+        }
 
-    async def _stream(self, request: web.Request, body: dict[str, Any],
-                      *, chat: bool) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], *, chat: bool
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
         tokens = self._tokens(body)
@@ -186,24 +239,50 @@ class VLLMSimulator:
             await response.write(b"data: " + _encoder.encode(payload) + b"\n\n")
 
         if chat:
-            await emit({**base, "choices": [{"index": 0, "delta": {"role": "assistant",
-                                                                   "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+            await emit(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         for i, token in enumerate(tokens):
             await asyncio.sleep(self.token_delay_s)
             last = i == len(tokens) - 1
             if chat:
-                choice = {"index": 0, "delta": {"content": token}, "logprobs": None,
-                          "finish_reason": "length" if last else None}
+                choice = {
+                    "index": 0,
+                    "delta": {"content": token},
+                    "logprobs": None,
+                    "finish_reason": "length" if last else None,
+                }
             else:
-                choice = {"index": 0, "text": token, "logprobs": None,
-                          "finish_reason": "length" if last else None}
+                choice = {
+                    "index": 0,
+                    "text": token,
+                    "logprobs": None,
+                    "finish_reason": "length" if last else None,
+                }
             await emit({**base, "choices": [choice]})
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
-            await emit({**base, "choices": [], "usage": {
-                "prompt_tokens": 7, "completion_tokens": len(tokens),
-                "total_tokens": 7 + len(tokens)}})
+            await emit(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 7,
+                        "completion_tokens": len(tokens),
+                        "total_tokens": 7 + len(tokens),
+                    },
+                }
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
