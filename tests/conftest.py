@@ -83,26 +83,28 @@ def gateway_factory(tmp_path: Path) -> Any:
     return factory
 
 
+@contextmanager
+def serve_aiohttp(make_app: Any) -> Iterator[AiohttpThread]:
+    server = AiohttpThread(make_app)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def fake_upstream() -> Iterator[tuple[FakeUpstream, AiohttpThread]]:
     fake = FakeUpstream()
-    server = AiohttpThread(fake.app)
-    server.start()
-    try:
+    with serve_aiohttp(fake.app) as server:
         yield fake, server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def vllm_sim() -> Iterator[tuple[VLLMSimulator, AiohttpThread]]:
     sim = VLLMSimulator()
-    server = AiohttpThread(sim.app)
-    server.start()
-    try:
+    with serve_aiohttp(sim.app) as server:
         yield sim, server
-    finally:
-        server.stop()
 
 
 def free_port() -> int:

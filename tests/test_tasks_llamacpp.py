@@ -104,35 +104,27 @@ def test_full_queue_gives_429_with_backoff(llama_server: LlamaServer, gateway_fa
         assert wait_until(lambda: llama_server.busy_slots() == 0 and gw.slots_in_use() == 0)
 
 
+def seeded_transcript(gw: Gateway, seed: int) -> bytes:
+    """The raw SSE of one seeded task, up to (not including) `end`, whose timing varies."""
+    task_id = submit(
+        gw,
+        prompt="Tell me about the sea.",
+        max_tokens=24,
+        seed=seed,
+        params={"temperature": 1.0, "cache_prompt": False},
+    ).json()["task_id"]
+    with httpx.stream("GET", f"{gw.url}/v1/tasks/{task_id}/stream", timeout=30) as r:
+        raw = b"".join(r.iter_bytes())
+    return raw.rsplit(b"event: end", 1)[0]
+
+
 @pytest.mark.parametrize("seed", [1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008])
 def test_determinism_smoke_8_seeds(gw: Gateway, seed: int) -> None:
-    def transcript() -> bytes:
-        task_id = submit(
-            gw,
-            prompt="Tell me about the sea.",
-            max_tokens=24,
-            seed=seed,
-            params={"temperature": 1.0, "cache_prompt": False},
-        ).json()["task_id"]
-        with httpx.stream("GET", f"{gw.url}/v1/tasks/{task_id}/stream", timeout=30) as r:
-            raw = b"".join(r.iter_bytes())
-        # everything but the timing in `end` must be byte-identical
-        return raw.rsplit(b"event: end", 1)[0]
-
-    first, second = transcript(), transcript()
+    first, second = seeded_transcript(gw, seed), seeded_transcript(gw, seed)
     assert first.count(b"event: token") > 0
     assert first == second
 
 
 def test_different_seeds_give_different_streams(gw: Gateway) -> None:
-    outputs = set()
-    for seed in (1001, 1002, 1003, 1004):
-        task_id = submit(
-            gw,
-            prompt="Tell me about the sea.",
-            max_tokens=24,
-            seed=seed,
-            params={"temperature": 1.0, "cache_prompt": False},
-        ).json()["task_id"]
-        outputs.add("".join(d["t"] for n, d in read_events(gw, task_id) if n == "token"))
+    outputs = {seeded_transcript(gw, seed) for seed in (1001, 1002, 1003, 1004)}
     assert len(outputs) > 1

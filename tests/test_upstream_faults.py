@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, pool
+from tests.conftest import Gateway, pool, serve_aiohttp
 from tests.fakes.servers import AiohttpThread, wait_until
 from tests.fakes.upstream import FakeUpstream
 
@@ -169,21 +169,19 @@ def test_failing_replica_fails_over_to_a_live_one(fake_upstream: Any, gateway_fa
     fake, server = fake_upstream
     sick = FakeUpstream()
     sick.reset_posts = True  # passes its health probe, resets every request
-    sick_server = AiohttpThread(sick.app)
-    sick_server.start()
-    cfg = {
-        "pools": [
-            pool(
-                "p",
-                ["m"],
-                [
-                    {"id": "sick", "engine": "openai", "url": sick_server.url, "slots": 8},
-                    {"id": "live", "engine": "openai", "url": server.url, "slots": 1},
-                ],
-            )
-        ]
-    }
-    try:
+    with serve_aiohttp(sick.app) as sick_server:
+        cfg = {
+            "pools": [
+                pool(
+                    "p",
+                    ["m"],
+                    [
+                        {"id": "sick", "engine": "openai", "url": sick_server.url, "slots": 8},
+                        {"id": "live", "engine": "openai", "url": server.url, "slots": 1},
+                    ],
+                )
+            ]
+        }
         with gateway_factory(cfg) as gateway:
             response = httpx.post(
                 gateway.url + "/v1/chat/completions",
@@ -194,5 +192,3 @@ def test_failing_replica_fails_over_to_a_live_one(fake_upstream: Any, gateway_fa
             assert response.headers["x-orchgate-replica"] == "live"
             assert response.headers["x-orchgate-attempts"] == "2"
             assert fake.bodies  # the live replica served it
-    finally:
-        sick_server.stop()
