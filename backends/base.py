@@ -24,6 +24,16 @@ class Endpoint(enum.StrEnum):
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
     EMBEDDINGS = "/v1/embeddings"
+    # the bounded jobs of the OpenVINO worker contract (engine ``openvino`` only)
+    WORKER_GENERATE = "/v1/worker/generate"
+    WORKER_MEMORY = "/v1/worker/extract-memory-candidates"
+    WORKER_NOTIFICATION = "/v1/worker/condense-notification"
+
+
+OPENAI_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+WORKER_ENDPOINTS = frozenset(
+    {Endpoint.WORKER_GENERATE, Endpoint.WORKER_MEMORY, Endpoint.WORKER_NOTIFICATION}
+)
 
 
 class UpstreamCall(msgspec.Struct, frozen=True):
@@ -83,6 +93,7 @@ class Backend(Protocol):
 
     engine: ClassVar[str]
     replica_id: str
+    launch_argv: list[str] | None
     endpoints: frozenset[Endpoint]
     configured_slots: int | None
     default_slots: ClassVar[int]

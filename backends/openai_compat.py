@@ -10,12 +10,20 @@ This module is the only place that turns transport exceptions into ``BackendErro
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Annotated, ClassVar
 
 import msgspec
 from msgspec import Meta
 
-from backends.base import Endpoint, ReplicaInfo, ReplicaLoad, Strict, UpstreamCall
+from backends.base import (
+    OPENAI_ENDPOINTS,
+    Endpoint,
+    ReplicaInfo,
+    ReplicaLoad,
+    Strict,
+    UpstreamCall,
+)
 from backends.errors import (
     BackendError,
     BackendTimeout,
@@ -36,6 +44,10 @@ class HttpReplicaConfig(Strict, tag_field="engine"):
     upstream_model: str | None = None
     connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
     probe_timeout_s: Annotated[float, Meta(gt=0)] = 2.0
+    # managed replica: the gateway runs this argv ({port}, {host}, {model}, {python}
+    # are substituted), restarts it when it dies and stops it on shutdown
+    launch: Annotated[list[str], Meta(min_length=1)] | None = None
+    model_path: str | None = None
 
 
 def replica_root(url: str) -> str:
@@ -79,7 +91,7 @@ class OpenAICompatBackend:
 
     engine: ClassVar[str] = "openai"
     default_slots: ClassVar[int] = 64
-    endpoints: frozenset[Endpoint] = frozenset(Endpoint)
+    endpoints: frozenset[Endpoint] = OPENAI_ENDPOINTS
 
     def __init__(self, config: HttpReplicaConfig, *, api_key: str | None = None) -> None:
         self.config = config
@@ -90,6 +102,20 @@ class OpenAICompatBackend:
         self._prefix = ("/" + base_path if base_path else "").encode()
         self._auth = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
         self._pool: Http1Pool | None = None
+        self.launch_argv = self._launch_argv(config)
+
+    def _launch_argv(self, config: HttpReplicaConfig) -> list[str] | None:
+        if config.launch is None:
+            return None
+        host_port = self.root.split("://", 1)[1].split("/", 1)[0]
+        host, _, port = host_port.rpartition(":")
+        values = {
+            "port": port or "80",
+            "host": host or host_port,
+            "model": config.model_path or "",
+            "python": sys.executable,
+        }
+        return [arg.format_map(values) for arg in config.launch]
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:

@@ -12,14 +12,18 @@ from collections.abc import Iterable
 from backends.base import Backend
 from backends.llamacpp import LlamaCppBackend, LlamaCppReplicaConfig
 from backends.openai import OpenAIBackend, OpenAIReplicaConfig
+from backends.openvino import OpenVINOBackend, OpenVINOReplicaConfig
 from backends.vllm import VLLMBackend, VLLMReplicaConfig
 
-ReplicaConfig = LlamaCppReplicaConfig | VLLMReplicaConfig | OpenAIReplicaConfig
+ReplicaConfig = (
+    LlamaCppReplicaConfig | VLLMReplicaConfig | OpenAIReplicaConfig | OpenVINOReplicaConfig
+)
 
 ENGINES: dict[type, type] = {
     LlamaCppReplicaConfig: LlamaCppBackend,
     VLLMReplicaConfig: VLLMBackend,
     OpenAIReplicaConfig: OpenAIBackend,
+    OpenVINOReplicaConfig: OpenVINOBackend,
 }
 
 

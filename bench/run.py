@@ -281,9 +281,7 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             }
         else:
 
-            def added(
-                key: str, q: float, target: str, entries: list[Any] = entries
-            ) -> list[float]:
+            def added(key: str, q: float, target: str, entries: list[Any] = entries) -> list[float]:
                 return [(pct(e[target][key], q) - pct(e["direct"][key], q)) * 1e3 for e in entries]
 
             report[name] = {

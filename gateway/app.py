@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
-from backends.base import Endpoint
+from backends.base import OPENAI_ENDPOINTS, WORKER_ENDPOINTS, Endpoint
 from gateway import __version__
 from gateway.auth import TokenCheck
 from gateway.config import Config
@@ -85,6 +85,13 @@ async def _ensure_request_id(message: Any, scope: Any) -> None:
     headers.append((b"x-request-id", request_id(scope).encode()))
 
 
+def _worker_handler(proxy: OpenAIProxy, endpoint: Endpoint) -> Any:
+    async def handler(scope: Any, receive: Any, send: Any) -> None:
+        await proxy.proxy(endpoint, scope, receive, send)
+
+    return handler
+
+
 def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
     def route(endpoint: Endpoint, name: str) -> Any:
         async def handler(scope: Any, receive: Any, send: Any) -> None:
@@ -100,6 +107,10 @@ def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
         route(Endpoint.CHAT, "chat_completions"),
         route(Endpoint.COMPLETIONS, "completions"),
         route(Endpoint.EMBEDDINGS, "embeddings"),
+        *(
+            asgi(path=e.value, name=e.name.lower())(_worker_handler(proxy, e))
+            for e in sorted(WORKER_ENDPOINTS)
+        ),
         asgi(path=["/v1/models", "/models"], name="models")(models),
     ]
 
@@ -179,8 +190,9 @@ class GatewayApp:
         self._cors_any = "*" in cors_origins
         self._hot: dict[str, Any] = {}
         for endpoint in Endpoint:
-            for path in (endpoint.value, endpoint.value.removeprefix("/v1")):
-                self._hot[path] = self._bind(proxy, endpoint)
+            self._hot[endpoint.value] = self._bind(proxy, endpoint)
+        for endpoint in OPENAI_ENDPOINTS:
+            self._hot[endpoint.value.removeprefix("/v1")] = self._bind(proxy, endpoint)
         for path in ("/v1/models", "/models"):
             self._hot[path] = proxy.models
 

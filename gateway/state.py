@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
+from backends.process import ManagedProcess
 from backends.registry import ModelIndex, build_backend
 from gateway.config import Config, PoolConfig
 from gateway.tasks import TaskBook
 from gateway.wire import models_list
 from policies.admission import AdmissionQueue
-from policies.health import HealthMonitor
+from policies.health import HealthMonitor, mark_unreachable
 from policies.replicas import ReplicaState
 
 
@@ -47,6 +49,7 @@ class GatewayState:
         self.models = ModelIndex((p.id, p.models) for p in config.pools)
         self.started_at = int(time.time())
         self.tasks = TaskBook(config.tasks)
+        self.processes: list[ManagedProcess] = []
         self.models_body = models_list(
             [(name, p.models[0], p.id) for p in config.pools for name in p.models],
             self.started_at,
@@ -56,12 +59,28 @@ class GatewayState:
         return [r for pool in self.pools.values() for r in pool.replicas]
 
     async def start(self) -> None:
-        for replica in self.all_replicas():
-            await replica.backend.start()
+        for pool in self.pools.values():
+            for replica in pool.replicas:
+                await replica.backend.start()
+                argv = replica.backend.launch_argv
+                if argv is not None:
+                    process = ManagedProcess(
+                        replica.replica_id, argv, on_exit=self._on_exit(pool, replica)
+                    )
+                    self.processes.append(process)
+                    await process.start()
         await asyncio.gather(*(pool.health.start() for pool in self.pools.values()))
+
+    @staticmethod
+    def _on_exit(pool: PoolRuntime, replica: ReplicaState) -> Callable[[int], None]:
+        def on_exit(code: int) -> None:
+            mark_unreachable(replica, pool.queue, f"managed process exited with {code}")
+
+        return on_exit
 
     async def stop(self) -> None:
         await self.tasks.aclose()
         await asyncio.gather(*(pool.health.stop() for pool in self.pools.values()))
+        await asyncio.gather(*(process.stop() for process in self.processes))
         for replica in self.all_replicas():
             await replica.backend.aclose()

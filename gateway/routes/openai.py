@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from backends.base import Endpoint, UpstreamCall
+from backends.base import WORKER_ENDPOINTS, Endpoint, UpstreamCall
 from backends.errors import BackendError, BackendOverloaded
 from gateway.asgi import (
     ClientDisconnected,
@@ -33,6 +33,7 @@ from gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
+    NotFound,
     PoolUnavailable,
     QueueFullError,
     backend_error_status,
@@ -83,16 +84,22 @@ def admission_error(error: AdmissionError) -> GatewayError:
 
 
 def call_factory(
-    pool: PoolRuntime, endpoint: Endpoint, body: bytes, model: str, stream: bool, rid: str
+    pool: PoolRuntime,
+    endpoint: Endpoint,
+    body: bytes,
+    model: str | None,
+    stream: bool,
+    rid: str,
 ) -> Callable[[str], UpstreamCall]:
     """Builds the call for whichever replica placement picks: the body goes as it is,
-    unless that replica knows the model under another name (an alias was used)."""
+    unless that replica knows the model under another name (an alias was used).
+    ``model=None``: the body names no model (the worker's job routes)."""
     patched: dict[str, bytes] = {}
 
     def make_call(replica_id: str) -> UpstreamCall:
         target = pool.upstream_model[replica_id]
         payload = body
-        if target != model:
+        if model is not None and target != model:
             payload = patched.get(target) or patched.setdefault(target, with_model(body, target))
         return UpstreamCall(endpoint, payload, stream, rid)
 
@@ -121,6 +128,14 @@ class OpenAIProxy:
         self.auth = auth
         self.log = access_log
         self.max_body = state.config.server.max_body_bytes
+
+    def worker_pool(self) -> PoolRuntime:
+        """The first pool of ``openvino`` workers: the only engine with the job routes.
+        (An NPU pool is never a fallback for another pool; this is the reverse lookup.)"""
+        for pool in self.state.pools.values():
+            if pool.engine == "openvino":
+                return pool
+        raise NotFound("no openvino worker pool is configured for /v1/worker routes")
 
     def pool_for(self, model: str) -> PoolRuntime:
         pool_id = self.state.models.pool_for(model)
@@ -194,10 +209,14 @@ class OpenAIProxy:
             raise MethodNotAllowed("use POST for this route")
         self.auth.check(header(scope, b"authorization"))
         body = await read_body(scope, receive, self.max_body)
+        priority = parse_priority(header(scope, b"x-priority"))
+        if endpoint in WORKER_ENDPOINTS:
+            pool = self.worker_pool()
+            ex.pool, ex.engine = pool.id, pool.engine
+            return pool, priority, call_factory(pool, endpoint, body, None, False, rid)
         view = parse_routing_view(body, endpoint)
         model: str = view.model  # type: ignore[assignment]  # checked by the view
         pool = self.pool_for(model)
-        priority = parse_priority(header(scope, b"x-priority"))
         stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
         ex.pool, ex.engine = pool.id, pool.engine
         return pool, priority, call_factory(pool, endpoint, body, model, stream, rid)

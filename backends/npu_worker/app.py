@@ -1,0 +1,344 @@
+"""The worker's HTTP surface: the contract's routes and a bounded OpenAI chat route.
+
+Logs method, path, status and timings only: never input or output text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from backends.npu_worker.jobs import (
+    DEFAULT_MAX_NEW_TOKENS,
+    JSON_JOBS,
+    MAX_INPUT_CHARS,
+    MAX_NEW_TOKENS,
+    SYSTEM_PROMPTS,
+    InvalidJob,
+    Job,
+    check_input,
+    check_max_new_tokens,
+    parse_json_output,
+    resolve_job,
+)
+from backends.npu_worker.pipeline import Generation, Generator, read_busy_time
+
+log = logging.getLogger("orchgate.npu_worker")
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def _error(status: int, message: str, **extra: Any) -> Response[dict[str, Any]]:
+    return Response({**extra, "error": message}, status_code=status)
+
+
+async def _json_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    try:
+        body = _decoder.decode(await request.body())
+    except msgspec.DecodeError:
+        raise InvalidJob("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidJob("the body must be a JSON object")
+    return body
+
+
+def generation_payload(
+    gen: Generator, job: Job, result: Generation, load_ms: float, total_ms: float
+) -> dict[str, Any]:
+    config = gen.config
+    return {
+        "model": config.model_id,
+        "device": config.device,
+        "device_actual": config.device,
+        "job": job.value,
+        "text": result.text,
+        "json": parse_json_output(result.text) if job in JSON_JOBS else None,
+        "timing_ms": {
+            "load": round(load_ms, 2),
+            "initial_load": round(gen.initial_load_ms or 0.0, 2),
+            "generate": round(result.generate_ms, 2),
+            "total": round(total_ms, 2),
+        },
+        "npu_busy_delta_us": result.busy_delta_us,
+        "npu_busy_before_us": result.busy_before_us,
+        "npu_busy_after_us": result.busy_after_us,
+        "cache_dir": config.cache_dir,
+    }
+
+
+async def run_job(gen: Generator, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """One contract job: ``(status, payload)``. Shared by HTTP and the CLI."""
+    try:
+        job = resolve_job(body.get("job"))
+        text = check_input(body.get("input"))
+        max_new = check_max_new_tokens(body.get("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS[job])
+    except InvalidJob as exc:
+        return 400, {"error": str(exc)}
+    started = time.perf_counter()
+    try:
+        load_ms = await gen.load()
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPTS[job]},
+            {"role": "user", "content": text},
+        ]
+        result = await gen.generate(messages, None, max_new_tokens=max_new)
+    except Exception as exc:  # noqa: BLE001 - the runtime's errors become a JSON answer
+        return 500, {"error": f"generation failed: {type(exc).__name__}: {exc}"}
+    payload = generation_payload(gen, job, result, load_ms, (time.perf_counter() - started) * 1000)
+    if gen.config.device == "NPU" and not (result.busy_delta_us or 0) > 0:
+        payload["error"] = "NPU busy time did not increase: the generation did not run on the NPU"
+        return 503, payload
+    return 200, payload
+
+
+def _chat_bounds(body: dict[str, Any]) -> tuple[list[dict[str, str]], int, bool, bool]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidJob("messages must be a non-empty array")
+    clean: list[dict[str, str]] = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise InvalidJob("each message needs a string content")
+        clean.append({"role": str(message.get("role", "user")), "content": message["content"]})
+    if sum(len(m["content"]) for m in clean) > MAX_INPUT_CHARS:
+        raise InvalidJob(f"messages exceed {MAX_INPUT_CHARS} characters")
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    max_new = check_max_new_tokens(limit, MAX_NEW_TOKENS)
+    options = body.get("stream_options") or {}
+    usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return clean, max_new, bool(body.get("stream")), usage
+
+
+def create_worker_app(gen: Generator, *, bind: str) -> Litestar:
+    model_entry = {
+        "id": gen.config.model_id,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "openvino",
+    }
+
+    @get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        cache = gen.config.cache_dir
+        return {
+            "ok": True,
+            "model": gen.config.model_id,
+            "model_path": gen.config.model_path,
+            "device": gen.config.device,
+            "cache_dir": cache,
+            "cache_exists": bool(cache) and Path(cache).exists(),
+            "loaded": gen.loaded,
+            "initial_load_ms": gen.initial_load_ms,
+            "busy_time_us": read_busy_time(gen.config.busy_time_path)
+            if gen.config.device == "NPU"
+            else None,
+            "max_input_chars": MAX_INPUT_CHARS,
+            "jobs": sorted(j.value for j in Job),
+            "bind": bind,
+            "busy": gen.busy,
+        }
+
+    @get(["/models", "/v1/models"])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_entry]}
+
+    async def job_route(request: Request[Any, Any, Any], job: str | None) -> Response[Any]:
+        try:
+            body = await _json_body(request)
+        except InvalidJob as exc:
+            return _error(400, str(exc))
+        if job is not None:
+            body["job"] = job
+        status, payload = await run_job(gen, body)
+        return Response(payload, status_code=status)
+
+    @post("/v1/worker/generate", status_code=200)
+    async def generate(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await job_route(request, None)
+
+    @post("/v1/worker/extract-memory-candidates", status_code=200)
+    async def memory(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await job_route(request, Job.MEMORY_CANDIDATE.value)
+
+    @post("/v1/worker/condense-notification", status_code=200)
+    async def notification(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await job_route(request, Job.NOTIFICATION.value)
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
+        try:
+            body = await _json_body(request)
+            messages, max_new, stream, usage = _chat_bounds(body)
+        except InvalidJob as exc:
+            return Response(
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status_code=400,
+            )
+        seed = body.get("seed") if isinstance(body.get("seed"), int) else None
+        temperature = body.get("temperature")
+        temperature = float(temperature) if isinstance(temperature, int | float) else None
+        await gen.load()
+        if stream:
+            return Stream(
+                _chat_stream(gen, messages, max_new, usage, seed, temperature),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        result = await gen.generate(
+            messages, None, max_new_tokens=max_new, seed=seed, temperature=temperature
+        )
+        return Response(_completion(gen.config.model_id, result))
+
+    def not_found(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+        if exc.status_code == 404:
+            return _error(404, "not found")
+        return _error(exc.status_code, str(exc.detail))
+
+    app = Litestar(
+        route_handlers=[healthz, models, generate, memory, notification, chat],
+        exception_handlers={HTTPException: not_found},
+        logging_config=None,
+        openapi_config=None,
+    )
+    return app
+
+
+class AccessLog:
+    """ASGI wrapper logging method, path, status and duration: never bodies or headers."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def timed_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            log.info(
+                '{"method": "%s", "path": "%s", "status": %d, "ms": %.1f}',
+                scope["method"],
+                scope["path"],
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+
+def _chunk(model: str, cid: str, delta: dict[str, Any], finish: str | None) -> bytes:
+    body = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + _encoder.encode(body) + b"\n\n"
+
+
+def _completion(model: str, result: Generation) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-" + os.urandom(12).hex(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.tokens,
+            "total_tokens": result.prompt_tokens + result.tokens,
+        },
+    }
+
+
+async def _chat_stream(
+    gen: Generator,
+    messages: list[dict[str, str]],
+    max_new: int,
+    usage: bool,
+    seed: int | None,
+    temperature: float | None,
+) -> AsyncIterator[bytes]:
+    """Token pieces as they come; a client that leaves sets ``cancel`` (StreamingStatus
+    CANCEL in the pipeline) and the lock is held until the pipeline has stopped."""
+    model, cid = gen.config.model_id, "chatcmpl-" + os.urandom(12).hex()
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    cancel = threading.Event()
+    task = asyncio.create_task(
+        gen.generate(
+            messages,
+            None,
+            max_new_tokens=max_new,
+            on_text=queue.put_nowait,
+            cancel=cancel,
+            seed=seed,
+            temperature=temperature,
+        )
+    )
+    try:
+        yield _chunk(model, cid, {"role": "assistant", "content": ""}, None)
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield _chunk(model, cid, {"content": getter.result()}, None)
+                continue
+            getter.cancel()
+            while not queue.empty():
+                yield _chunk(model, cid, {"content": queue.get_nowait()}, None)
+            break
+        result = task.result()
+        finish = "length" if result.tokens >= max_new else "stop"
+        yield _chunk(model, cid, {}, finish)
+        if usage:
+            body = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.tokens,
+                    "total_tokens": result.prompt_tokens + result.tokens,
+                },
+            }
+            yield b"data: " + _encoder.encode(body) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        cancel.set()
+        if not task.done():
+            await asyncio.shield(asyncio.wait({task}))

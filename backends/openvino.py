@@ -1,0 +1,35 @@
+"""Engine ``openvino``: the bounded OpenVINO GenAI worker (``orchgate npu-worker``).
+
+Ready when ``GET /healthz`` says ``ok`` and the pipeline is ``loaded``. One slot by default:
+the worker serialises generation on one pipeline, so the gateway's queue, not the worker,
+holds waiting requests. Serves chat completions and the contract's ``/v1/worker/*`` jobs.
+"""
+
+from __future__ import annotations
+
+from backends.base import WORKER_ENDPOINTS, Endpoint, ReplicaInfo
+from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
+
+
+class OpenVINOReplicaConfig(HttpReplicaConfig, tag="openvino"):
+    """The worker needs nothing beyond the common keys (``launch`` runs it managed)."""
+
+
+class OpenVINOBackend(OpenAICompatBackend):
+    engine = "openvino"
+    default_slots = 1
+    endpoints = frozenset({Endpoint.CHAT}) | WORKER_ENDPOINTS
+
+    async def probe(self) -> ReplicaInfo:
+        status, raw = await self.get("/healthz")
+        body = decode_json(raw)
+        if status != 200 or not isinstance(body, dict):
+            return ReplicaInfo(ready=False, detail=f"/healthz answered HTTP {status}")
+        if not body.get("loaded"):
+            return ReplicaInfo(ready=False, detail="loading the model")
+        device = body.get("device")
+        return ReplicaInfo(
+            ready=bool(body.get("ok")),
+            total_slots=1,
+            engine_version=f"openvino-genai ({device})" if device else None,
+        )
