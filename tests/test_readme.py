@@ -18,6 +18,11 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     assert ci[-1] == TEST_COMMAND
 
 
+def test_readme_starts_with_install_and_serve() -> None:
+    quickstart = README.split("## Quickstart", 1)[1]
+    assert "python -m pip install . && orchgate serve\n" in quickstart
+
+
 def test_every_toml_example_in_the_readme_parses() -> None:
     blocks = re.findall(r"```toml\n(.*?)```", README, re.S)
     assert len(blocks) >= 3
