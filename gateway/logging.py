@@ -29,16 +29,24 @@ class AccessRecord(msgspec.Struct, omit_defaults=True):
 
 
 class AccessLog:
-    __slots__ = ("_encoder", "_stream", "enabled")
+    __slots__ = ("_buffer", "_encoder", "_stream", "enabled")
 
     def __init__(self, *, enabled: bool, stream: TextIO | None = None) -> None:
         self.enabled = enabled
         self._stream = stream or sys.stderr
+        # write bytes straight to the binary buffer when there is one (no str round trip)
+        self._buffer = getattr(self._stream, "buffer", None)
         self._encoder = msgspec.json.Encoder()
 
     def write(self, record: AccessRecord) -> None:
-        if self.enabled:
-            self._stream.write(self._encoder.encode(record).decode() + "\n")
+        if not self.enabled:
+            return
+        line = self._encoder.encode(record) + b"\n"
+        if self._buffer is not None:
+            self._buffer.write(line)
+            self._buffer.flush()
+        else:
+            self._stream.write(line.decode())
 
 
 def now() -> float:
