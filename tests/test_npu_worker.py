@@ -21,6 +21,7 @@ import pytest
 
 from backends.npu_worker.app import run_job
 from backends.npu_worker.pipeline import Generator, WorkerConfig, _openvino_pipeline
+from gateway.cli import EMBEDDED_WORKER_LAUNCH
 from tests.conftest import REPO, Gateway, free_port, pool, test_assets
 from tests.fakes.servers import wait_until
 from tests.test_tasks_api import read_events
@@ -342,20 +343,7 @@ def test_managed_worker_restarts_after_sigkill_and_leaves_no_child(
     model_path: str, gateway_factory: Any
 ) -> None:
     port = free_port()
-    launch = [
-        "{python}",
-        "-m",
-        "gateway",
-        "npu-worker",
-        "--port",
-        "{port}",
-        "--model",
-        "{model}",
-        "--model-id",
-        "smollm2-135m",
-        "--log-level",
-        "warning",
-    ]
+    launch = EMBEDDED_WORKER_LAUNCH  # the embedded default's own managed worker
     config = {
         "pools": [
             pool(
