@@ -1,4 +1,4 @@
-"""The ``orchgate`` command: ``serve`` and ``check-config``."""
+"""The ``orchgate`` command: ``serve``, ``check-config`` and ``npu-worker``."""
 
 from __future__ import annotations
 
