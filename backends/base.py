@@ -8,7 +8,7 @@ This module holds types only and must not perform I/O.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import ClassVar, Protocol
 
 import msgspec
@@ -120,11 +120,3 @@ class Backend(Protocol):
         """
         ...
 
-
-def headers_get(headers: Mapping[str, str], name: str) -> str | None:
-    """Case-insensitive header lookup for plain mappings."""
-    lowered = name.lower()
-    for key, value in headers.items():
-        if key.lower() == lowered:
-            return value
-    return None

@@ -180,7 +180,7 @@ class OpenAIProxy:
                 (b"x-orchgate-attempts", str(committed.attempts).encode()),
             ]
             if committed.batches is not None:
-                await self._stream(committed, send, headers, watch, ex, started)
+                await self._stream(committed, send, headers, watch, ex)
             else:
                 await self._whole(committed, send, headers, watch, ex)
         except GatewayError as error:
@@ -243,7 +243,6 @@ class OpenAIProxy:
         headers: Headers,
         watch: DisconnectWatch,
         ex: _Exchange,
-        started: float,
     ) -> None:
         ex.status = 200
         await send(
