@@ -152,6 +152,7 @@ class Http1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool._all.discard(self)  # every close path ends here: no reference outlives it
         response = self.response
         if response is not None and not response._done:
             response._fail(UpstreamClosed(f"upstream closed the connection ({exc or 'EOF'})"))
@@ -264,7 +265,6 @@ class Http1Pool:
             conn = self._idle.pop()
             if not conn.closed:
                 return conn
-            self._all.discard(conn)
         return None
 
     async def request(self, request: bytes) -> Http1Response:
@@ -282,7 +282,6 @@ class Http1Pool:
             except UpstreamClosed:
                 if response.received:
                     raise
-                self._all.discard(conn)
             except BaseException:  # cancelled: close it, or the upstream keeps generating
                 conn.finish(response, reusable=False)
                 raise
@@ -312,6 +311,10 @@ class Http1Pool:
                 body,
             )
         )
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._all)
 
     async def aclose(self) -> None:
         for conn in list(self._all):

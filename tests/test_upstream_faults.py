@@ -94,6 +94,17 @@ def test_disconnect_while_queued_frees_the_place(gw: Gateway, fake_upstream: Any
     assert wait_until(lambda: gw.slots_in_use() == 0 and fake.active == 0, timeout=2)
 
 
+def test_abandoned_streams_leave_no_connection_behind(gw: Gateway) -> None:
+    body = {"model": "m", "messages": MSG, "stream": True, "fake": {"chunks": 500, "delay_s": 0.01}}
+    for _ in range(10):
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=10) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+    pool = gw.state.pools["p"].replicas[0].backend.pool  # type: ignore[attr-defined]
+    # each abandoned stream closed its upstream connection; at most the probes' idle one stays
+    assert wait_until(lambda: pool.open_connections <= 1, timeout=3), pool.open_connections
+
+
 def _post_ignoring_timeout(gw: Gateway, body: dict[str, Any], timeout: float) -> None:
     try:
         httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=timeout)
