@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
-from backends.base import OPENAI_ENDPOINTS, WORKER_ENDPOINTS, Endpoint
+from backends.base import OPENAI_ENDPOINTS, Endpoint
 from gateway import __version__
 from gateway.auth import TokenCheck
 from gateway.config import Config
@@ -85,31 +85,33 @@ async def _ensure_request_id(message: Any, scope: Any) -> None:
     headers.append((b"x-request-id", request_id(scope).encode()))
 
 
-def _worker_handler(proxy: OpenAIProxy, endpoint: Endpoint) -> Any:
+def _endpoint_handler(proxy: OpenAIProxy, endpoint: Endpoint) -> Any:
+    """The raw ASGI handler for one proxied endpoint (used by both entry points)."""
+
     async def handler(scope: Any, receive: Any, send: Any) -> None:
         await proxy.proxy(endpoint, scope, receive, send)
 
     return handler
 
 
-def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
-    def route(endpoint: Endpoint, name: str) -> Any:
-        async def handler(scope: Any, receive: Any, send: Any) -> None:
-            await proxy.proxy(endpoint, scope, receive, send)
+def _data_plane_paths(endpoint: Endpoint) -> list[str]:
+    """An OpenAI route also answers without ``/v1``; the worker's job routes do not."""
+    if endpoint in OPENAI_ENDPOINTS:
+        return [endpoint.value, endpoint.value.removeprefix("/v1")]
+    return [endpoint.value]
 
-        path = endpoint.value
-        return asgi(path=[path, path.removeprefix("/v1")], name=name)(handler)
+
+def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
+    """The data plane registered with Litestar too: ``GatewayApp`` serves these paths
+    directly, but Litestar must know them to answer CORS preflights (OPTIONS)."""
 
     async def models(scope: Any, receive: Any, send: Any) -> None:
         await proxy.models(scope, receive, send)
 
     return [
-        route(Endpoint.CHAT, "chat_completions"),
-        route(Endpoint.COMPLETIONS, "completions"),
-        route(Endpoint.EMBEDDINGS, "embeddings"),
         *(
-            asgi(path=e.value, name=e.name.lower())(_worker_handler(proxy, e))
-            for e in sorted(WORKER_ENDPOINTS)
+            asgi(path=_data_plane_paths(e), name=e.name.lower())(_endpoint_handler(proxy, e))
+            for e in Endpoint
         ),
         asgi(path=["/v1/models", "/models"], name="models")(models),
     ]
@@ -190,18 +192,11 @@ class GatewayApp:
         self._cors_any = "*" in cors_origins
         self._hot: dict[str, Any] = {}
         for endpoint in Endpoint:
-            self._hot[endpoint.value] = self._bind(proxy, endpoint)
-        for endpoint in OPENAI_ENDPOINTS:
-            self._hot[endpoint.value.removeprefix("/v1")] = self._bind(proxy, endpoint)
+            handler = _endpoint_handler(proxy, endpoint)
+            for path in _data_plane_paths(endpoint):
+                self._hot[path] = handler
         for path in ("/v1/models", "/models"):
             self._hot[path] = proxy.models
-
-    @staticmethod
-    def _bind(proxy: OpenAIProxy, endpoint: Endpoint) -> Any:
-        async def handle(scope: Any, receive: Any, send: Any) -> None:
-            await proxy.proxy(endpoint, scope, receive, send)
-
-        return handle
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
