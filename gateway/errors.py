@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from backends.errors import BackendError
+from policies.estimates import retry_after_seconds
 
 _encoder = msgspec.json.Encoder()
 
@@ -114,8 +115,6 @@ def backend_error_status(error: BackendError) -> int:
 
 def backoff_headers(retry_after_s: float) -> dict[str, str]:
     """``Retry-After`` (whole seconds, 1..120) plus the millisecond forms clients read."""
-    from policies.estimates import retry_after_seconds
-
     seconds = retry_after_seconds(retry_after_s)
     millis = str(max(1, int(retry_after_s * 1000)))
     return {"Retry-After": str(seconds), "X-Backoff-Ms": millis, "retry-after-ms": millis}
