@@ -9,12 +9,12 @@ is returned, the caller owns the upstream response and the lease and must close 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from backends.base import UpstreamCall, UpstreamResponse
 from backends.errors import BackendError, BackendOverloaded, BackendUnavailable
-from gateway.streaming import SseReader, first_events
+from gateway.streaming import SseReader
 from policies.admission import Lease, Priority, Ticket
 from policies.health import mark_unreachable
 
@@ -29,7 +29,7 @@ MAX_BACKOFF_S = 2.0
 class Committed:
     """An upstream response that produced its first byte, and the slot it holds."""
 
-    __slots__ = ("attempts", "batches", "first", "lease", "reader", "upstream")
+    __slots__ = ("attempts", "first", "lease", "reader", "upstream")
 
     def __init__(
         self,
@@ -37,14 +37,12 @@ class Committed:
         upstream: UpstreamResponse,
         attempts: int,
         reader: SseReader | None = None,
-        batches: AsyncIterator[bytes] | None = None,
         first: bytes = b"",
     ) -> None:
         self.lease = lease
         self.upstream = upstream
         self.attempts = attempts
-        self.reader = reader
-        self.batches = batches
+        self.reader = reader  # streams only: the rest of the events, after ``first``
         self.first = first
 
     async def aclose(self) -> None:
@@ -67,12 +65,11 @@ async def _open_once(lease: Lease, call: UpstreamCall, attempt: int) -> Committe
         return Committed(lease, upstream, attempt)
     try:
         reader = SseReader(upstream)
-        batches = reader.batches()
-        first = await first_events(reader, batches)
+        first = await reader.first()
     except BaseException:
         await upstream.aclose()
         raise
-    return Committed(lease, upstream, attempt, reader, batches, first)
+    return Committed(lease, upstream, attempt, reader, first)
 
 
 async def dispatch(

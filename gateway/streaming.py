@@ -54,14 +54,16 @@ def _translate_error_fields(events: bytes) -> bytes:
 
 
 class SseReader:
-    """Cuts an upstream byte stream into whole-event batches."""
+    """Cuts an upstream byte stream into whole-event batches: ``first()`` once (still
+    retryable), then ``rest()`` for everything after it."""
 
-    __slots__ = ("_buffer", "_chunks", "stats")
+    __slots__ = ("_batches", "_buffer", "_chunks", "stats")
 
     def __init__(self, upstream: UpstreamResponse) -> None:
         self._chunks = upstream.chunks()
         self._buffer = b""
         self.stats = StreamStats()
+        self._batches = self._cut()
 
     def _inspect(self, events: bytes) -> bytes:
         stats = self.stats
@@ -73,7 +75,7 @@ class SseReader:
             stats.done = True
         return events
 
-    async def batches(self) -> AsyncIterator[bytes]:
+    async def _cut(self) -> AsyncIterator[bytes]:
         """Whole events as they complete; at EOF, any unterminated tail is flushed."""
         async for data in self._chunks:
             buffer = self._buffer + data if self._buffer else data
@@ -88,41 +90,39 @@ class SseReader:
             tail, self._buffer = self._buffer, b""
             yield self._inspect(tail + b"\n\n")
 
+    async def first(self) -> bytes:
+        """The first batch of whole events; a failure here is still retryable.
 
-async def first_events(reader: SseReader, batches: AsyncIterator[bytes]) -> bytes:
-    """The first batch of whole events; a failure here is still retryable.
+        Raises ``BackendFailed`` if the stream ends before any event or opens with an
+        in-band error (vLLM and llama.cpp both report some failures that way).
+        """
+        try:
+            first = await anext(self._batches)
+        except StopAsyncIteration:
+            raise BackendFailed("upstream closed the stream before the first event") from None
+        if first.startswith(b'data: {"error"'):
+            raise BackendFailed(
+                "upstream stream opened with an error event",
+                body=openai_error_body(502, first[6:].split(b"\n", 1)[0]),
+            )
+        return first
 
-    Raises ``BackendFailed`` if the stream ends before any event or opens with an in-band
-    error (vLLM and llama.cpp both report some failures that way).
-    """
-    try:
-        first = await anext(batches)
-    except StopAsyncIteration:
-        raise BackendFailed("upstream closed the stream before the first event") from None
-    if first.startswith(b'data: {"error"'):
-        raise BackendFailed(
-            "upstream stream opened with an error event",
-            body=openai_error_body(502, first[6:].split(b"\n", 1)[0]),
-        )
-    return first
-
-
-async def relay_rest(reader: SseReader, batches: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Everything after the first batch, ending in ``[DONE]`` even when the upstream fails."""
-    stats = reader.stats
-    try:
-        async for batch in batches:
-            yield batch
-    except BackendError as exc:
-        stats.failed = "upstream_lost"
-        yield error_event(
-            f"upstream failed mid-stream: {exc.message}", code="upstream_stream_error"
-        )
-        yield DONE
-        return
-    if not stats.done:
-        stats.failed = "upstream_truncated"
-        yield error_event(
-            "upstream ended the stream without [DONE]", code="upstream_stream_truncated"
-        )
-        yield DONE
+    async def rest(self) -> AsyncIterator[bytes]:
+        """Everything after ``first()``, ending in ``[DONE]`` even when the upstream fails."""
+        stats = self.stats
+        try:
+            async for batch in self._batches:
+                yield batch
+        except BackendError as exc:
+            stats.failed = "upstream_lost"
+            yield error_event(
+                f"upstream failed mid-stream: {exc.message}", code="upstream_stream_error"
+            )
+            yield DONE
+            return
+        if not stats.done:
+            stats.failed = "upstream_truncated"
+            yield error_event(
+                "upstream ended the stream without [DONE]", code="upstream_stream_truncated"
+            )
+            yield DONE

@@ -29,7 +29,6 @@ from backends.base import Endpoint, UpstreamCall
 from backends.errors import BackendError, BackendRejected, BackendTimeout
 from gateway.config import TasksConfig
 from gateway.dispatch import Committed, dispatch
-from gateway.streaming import relay_rest
 from policies.admission import AdmissionError, Priority, Ticket
 
 if TYPE_CHECKING:
@@ -359,9 +358,10 @@ class TaskBook:
         committed: Committed = await dispatch(pool, task.priority, make_call, ticket=task.ticket)
         try:
             task.start()
-            assert committed.reader is not None and committed.batches is not None
+            reader = committed.reader
+            assert reader is not None
             self._consume(task, committed.first)
-            async for batch in relay_rest(committed.reader, committed.batches):
+            async for batch in reader.rest():
                 if self._consume(task, batch):
                     break
             task.end()

@@ -9,7 +9,7 @@ import pytest
 from backends.base import Endpoint
 from backends.errors import error_from_status, openai_error_body
 from gateway.errors import InvalidJson, InvalidRequest
-from gateway.streaming import SseReader, first_events, relay_rest
+from gateway.streaming import SseReader
 from gateway.wire import parse_routing_view, with_model
 
 
@@ -99,9 +99,8 @@ class Upstream:
 
 async def collect(parts: list[bytes]) -> list[bytes]:
     reader = SseReader(Upstream(parts))
-    batches = reader.batches()
-    out = [await first_events(reader, batches)]
-    out += [b async for b in relay_rest(reader, batches)]
+    out = [await reader.first()]
+    out += [b async for b in reader.rest()]
     return out
 
 

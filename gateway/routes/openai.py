@@ -41,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.logging import AccessLog, AccessRecord
 from gateway.state import GatewayState, PoolRuntime
-from gateway.streaming import DONE, error_event, relay_rest
+from gateway.streaming import DONE, error_event
 from gateway.wire import parse_routing_view, with_model
 from policies.admission import AdmissionError, Priority, QueueFull
 
@@ -179,7 +179,7 @@ class OpenAIProxy:
                 (b"x-orchgate-replica", ex.replica.encode()),
                 (b"x-orchgate-attempts", str(committed.attempts).encode()),
             ]
-            if committed.batches is not None:
+            if committed.reader is not None:
                 await self._stream(committed, send, headers, watch, ex)
             else:
                 await self._whole(committed, send, headers, watch, ex)
@@ -250,9 +250,10 @@ class OpenAIProxy:
         )
         await send({"type": "http.response.body", "body": committed.first, "more_body": True})
         ex.first_byte = time.perf_counter()
-        assert committed.reader is not None and committed.batches is not None
+        reader = committed.reader
+        assert reader is not None
         try:
-            async for batch in relay_rest(committed.reader, committed.batches):
+            async for batch in reader.rest():
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
         except asyncio.CancelledError:
             raise
@@ -265,9 +266,9 @@ class OpenAIProxy:
                 }
             )
             ex.error = "internal_error"
-        ex.events = committed.reader.stats.events
-        if committed.reader.stats.failed:
-            ex.error = committed.reader.stats.failed
+        ex.events = reader.stats.events
+        if reader.stats.failed:
+            ex.error = reader.stats.failed
         watch.finish()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
