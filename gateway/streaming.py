@@ -5,7 +5,7 @@ exactly as the engine wrote them (several events that arrived in one read go out
 write; no event is ever split across writes by us). The relay also:
 
 * holds the response until the first whole event, so a failure before it can still be
-  retried elsewhere (:func:`first_events`);
+  retried elsewhere (:meth:`SseReader.first`);
 * translates llama.cpp's non-standard ``error:`` SSE field, which OpenAI clients silently
   drop, into ``data: {"error": ...}``;
 * ends a stream that failed or stopped without ``[DONE]`` with an in-band error event and
