@@ -99,10 +99,6 @@ class Ticket:
         self._consumed = False
         self.position = position  # 1-based place at admission; 0 when granted at once
 
-    @property
-    def queued(self) -> bool:
-        return self._waiter is not None and not self._waiter.future.done()
-
     def current_position(self) -> int:
         """The waiter's 1-based place now (0 once granted)."""
         waiter = self._waiter
