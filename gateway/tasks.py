@@ -146,8 +146,10 @@ class Task:
 
     def _append(self, frame: bytes) -> None:
         self.events.append(frame)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()  # wakes every subscriber waiting on the previous event
+        # set() resolves every current waiter; clear() at once re-arms the same event for
+        # the next append, so no Event is allocated per token
+        self._changed.set()
+        self._changed.clear()
 
     def start(self) -> None:
         if self.finished:
@@ -218,9 +220,8 @@ class Task:
                 index += 1
             if self.finished:
                 return
-            changed = self._changed
             try:
-                await asyncio.wait_for(changed.wait(), heartbeat_s)
+                await asyncio.wait_for(self._changed.wait(), heartbeat_s)
             except TimeoutError:
                 yield b": keep-alive\n\n"
 
