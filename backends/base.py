@@ -49,6 +49,22 @@ class UpstreamCall(msgspec.Struct, frozen=True):
     request_id: str
 
 
+class Limits(msgspec.Struct, frozen=True):
+    """How long a call may take, enforced by the transport (``None``: no limit).
+
+    ``first_byte_s`` bounds the silence from sending to the first byte of the body (streams;
+    a non-streaming answer arrives whole at the end, so only the deadline applies to it),
+    ``idle_s`` every silence after that, ``deadline`` the whole exchange (event-loop time).
+    """
+
+    first_byte_s: float | None = None
+    idle_s: float | None = None
+    deadline: float | None = None
+
+
+NO_LIMITS = Limits()
+
+
 class ReplicaLoad(msgspec.Struct, frozen=True):
     """A replica's own view of its load, for placement and the pool health endpoint."""
 
@@ -104,6 +120,11 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def interrupt(self, reason: str) -> None:
+        """End every call in flight now (graceful shutdown's last step); they fail with
+        ``BackendInterrupted``. The replica stays usable."""
+        ...
+
     async def probe(self) -> ReplicaInfo:
         """One probe of the engine's own health route; raises ``BackendError`` when down."""
         ...
@@ -112,11 +133,11 @@ class Backend(Protocol):
         """The engine's own running/waiting counts, where it exposes them."""
         ...
 
-    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+    async def send(self, call: UpstreamCall, limits: Limits = NO_LIMITS) -> UpstreamResponse:
         """Send ``call``; return once status and headers arrived.
 
         A non-2xx answer is raised as a ``BackendError`` carrying the normalised error
-        body; connection failures are raised as ``BackendUnavailable``.
+        body; connection failures are raised as ``BackendUnavailable``, a broken ``limits``
+        as ``BackendTimeout`` (also from the response's ``chunks()``/``read()``).
         """
         ...
-

@@ -7,7 +7,8 @@
      ├─ BackendTimeout       no headers within the deadline               retryable
      ├─ BackendOverloaded    upstream 429/503 (+ its Retry-After)         retryable
      ├─ BackendFailed        upstream 5xx other than 503                  retryable
-     └─ BackendRejected      upstream 4xx: the client's fault, passed on  not retryable
+     ├─ BackendRejected      upstream 4xx: the client's fault, passed on  not retryable
+     └─ BackendInterrupted   the gateway cut it (shutting down)           not retryable
 
 ``retryable`` is explicit per class and defaults to ``False``. Every error carries the body
 the client should see, already in the OpenAI envelope: vLLM and llama.cpp send integer
@@ -50,6 +51,7 @@ _TYPE_BY_STATUS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 
@@ -153,6 +155,11 @@ class BackendFailed(BackendError):
 class BackendRejected(BackendError):
     retryable = False
     default_status = 400
+
+
+class BackendInterrupted(BackendError):
+    retryable = False
+    default_status = 503
 
 
 def error_from_status(

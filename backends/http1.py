@@ -8,6 +8,12 @@ body bytes delivered as they arrive (chunked or Content-Length), back-pressure, 
 connection that is *closed* (not returned to the pool) when a caller abandons a response --
 the only cancel signal vLLM and llama.cpp understand.
 
+Each response can carry limits (``backends.base.Limits``): the longest silence before the
+first body byte, between body bytes, and an absolute deadline. One lazily re-armed timer
+per response enforces all three, so no timer is allocated per chunk; silence only counts
+while the gateway is actually waiting for the upstream (a slow client that stops reading
+pauses the upstream, which is not the upstream's fault).
+
 Errors surface as ``ConnectionError``/``TimeoutError``; ``backends.openai_compat`` maps
 them to ``BackendError``.
 """
@@ -22,6 +28,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from backends.base import NO_LIMITS, Limits
+
 _HIGH_WATER = 256 * 1024  # pause reading the upstream when this much is unconsumed
 _LOW_WATER = 64 * 1024
 
@@ -30,16 +38,33 @@ class UpstreamClosed(ConnectionError):
     """The upstream closed the connection before the response was complete."""
 
 
+class Interrupted(ConnectionError):
+    """The gateway cut the exchange itself (``Http1Pool.interrupt``: shutdown)."""
+
+
+class UpstreamTimeout(TimeoutError):
+    """A limit ran out. ``phase``: ``connect``, ``first_byte``, ``idle`` or ``total``."""
+
+    def __init__(self, phase: str, message: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
 class Http1Response:
     """One response: status and headers have arrived; the body is still streaming in."""
 
     __slots__ = (
+        "_body_started",
         "_buffered",
         "_chunks",
         "_conn",
         "_done",
         "_error",
         "_headers_waiter",
+        "_last_data",
+        "_limits",
+        "_timer",
+        "_wait_since",
         "_waiter",
         "content_type",
         "keep_alive",
@@ -48,7 +73,7 @@ class Http1Response:
         "status",
     )
 
-    def __init__(self, conn: Http1Connection) -> None:
+    def __init__(self, conn: Http1Connection, limits: Limits) -> None:
         self._conn = conn
         self.status = 0
         self.content_type = "application/json"
@@ -61,6 +86,53 @@ class Http1Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._headers_waiter: asyncio.Future[None] = conn.loop.create_future()
+        self._limits = limits
+        self._body_started = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_data = self._wait_since = 0.0
+        if limits is not NO_LIMITS:
+            self._last_data = self._wait_since = conn.loop.time()
+            self._arm(self._last_data)
+
+    # -- limits ----------------------------------------------------------------------------
+    def _arm(self, now: float) -> None:
+        limits = self._limits
+        gap = limits.idle_s if self._body_started else limits.first_byte_s
+        at = limits.deadline
+        if gap is not None:
+            waiting = self._waiter is not None or not self._headers_waiter.done()
+            since = max(self._last_data, self._wait_since) if waiting else now
+            at = since + gap if at is None else min(at, since + gap)
+        if at is not None:
+            self._timer = self._conn.loop.call_at(at, self._check)
+
+    def _check(self) -> None:
+        """The timer fired: fail the response if a limit really ran out, else re-arm."""
+        self._timer = None
+        if self._done or self._error is not None:
+            return
+        limits = self._limits
+        now = self._conn.loop.time()
+        if limits.deadline is not None and now >= limits.deadline:
+            self._conn._abort(UpstreamTimeout("total", "the request ran past its total deadline"))
+            return
+        waiting = self._waiter is not None or not self._headers_waiter.done()
+        gap = limits.idle_s if self._body_started else limits.first_byte_s
+        if waiting and gap is not None and now - max(self._last_data, self._wait_since) >= gap:
+            if self._body_started:
+                error = UpstreamTimeout("idle", f"the upstream sent nothing for {gap:g}s")
+            else:
+                error = UpstreamTimeout(
+                    "first_byte", f"no first token from the upstream in {gap:g}s"
+                )
+            self._conn._abort(error)
+            return
+        self._arm(now)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- fed by the connection (protocol callbacks) ------------------------------------
     def _headers_complete(self) -> None:
@@ -68,6 +140,12 @@ class Http1Response:
             self._headers_waiter.set_result(None)
 
     def _feed(self, data: bytes) -> None:
+        if self._limits is not NO_LIMITS:
+            self._last_data = self._conn.loop.time()
+            if not self._body_started:  # the idle limit replaces the first-byte one
+                self._body_started = True
+                self._disarm()
+                self._arm(self._last_data)
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -76,11 +154,13 @@ class Http1Response:
 
     def _finish(self) -> None:
         self._done = True
+        self._disarm()
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
-        if self._done:
+        if self._done or self._error is not None:
             return
+        self._disarm()
         self._error = error
         if not self._headers_waiter.done():
             self._headers_waiter.set_exception(error)
@@ -112,6 +192,8 @@ class Http1Response:
                 return
             if self._error is not None:
                 raise self._error
+            if self._limits is not NO_LIMITS:
+                self._wait_since = self._conn.loop.time()
             self._waiter = self._conn.loop.create_future()
             try:
                 await self._waiter
@@ -122,6 +204,7 @@ class Http1Response:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def aclose(self) -> None:
+        self._disarm()
         self._conn.finish(self, reusable=self._done and self.keep_alive)
 
 
@@ -184,8 +267,8 @@ class Http1Connection(asyncio.Protocol):
             self.response._finish()
 
     # -- used by the pool and the response -------------------------------------------------
-    def start(self, request: bytes) -> Http1Response:
-        response = Http1Response(self)
+    def start(self, request: bytes, limits: Limits) -> Http1Response:
+        response = Http1Response(self, limits)
         self.response = response
         assert self.transport is not None
         self.transport.write(request)
@@ -241,16 +324,21 @@ class Http1Pool:
         self.loop = asyncio.get_running_loop()
 
     async def _connect(self) -> Http1Connection:
-        _, conn = await asyncio.wait_for(
-            self.loop.create_connection(
-                lambda: Http1Connection(self),
-                self.host,
-                self.port,
-                ssl=self._ssl,
-                server_hostname=self.host if self.tls else None,
-            ),
-            self.connect_timeout_s,
-        )
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: Http1Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self.tls else None,
+                ),
+                self.connect_timeout_s,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "connect", f"connecting to the upstream took over {self.connect_timeout_s:g}s"
+            ) from None
         self._all.add(conn)
         return conn
 
@@ -267,7 +355,7 @@ class Http1Pool:
                 return conn
         return None
 
-    async def request(self, request: bytes) -> Http1Response:
+    async def request(self, request: bytes, limits: Limits = NO_LIMITS) -> Http1Response:
         """Send one serialised request; return once the response headers arrived.
 
         A reused keep-alive connection that the upstream had already closed fails before
@@ -275,7 +363,7 @@ class Http1Pool:
         """
         conn = self._take_idle()
         if conn is not None:
-            response = conn.start(request)
+            response = conn.start(request, limits)
             try:
                 await response.wait_headers()
                 return response
@@ -286,7 +374,7 @@ class Http1Pool:
                 conn.finish(response, reusable=False)
                 raise
         conn = await self._connect()
-        response = conn.start(request)
+        response = conn.start(request, limits)
         try:
             await response.wait_headers()
         except BaseException:
@@ -311,6 +399,12 @@ class Http1Pool:
                 body,
             )
         )
+
+    def interrupt(self, reason: str) -> None:
+        """Close every connection now; responses in flight fail with ``Interrupted``."""
+        for conn in list(self._all):
+            conn._abort(Interrupted(reason))
+        self._idle.clear()
 
     @property
     def open_connections(self) -> int:

@@ -17,8 +17,10 @@ import msgspec
 from msgspec import Meta
 
 from backends.base import (
+    NO_LIMITS,
     OPENAI_ENDPOINTS,
     Endpoint,
+    Limits,
     ReplicaInfo,
     ReplicaLoad,
     Strict,
@@ -26,11 +28,13 @@ from backends.base import (
 )
 from backends.errors import (
     BackendError,
+    BackendFailed,
+    BackendInterrupted,
     BackendTimeout,
     BackendUnavailable,
     error_from_status,
 )
-from backends.http1 import Http1Pool, Http1Response
+from backends.http1 import Http1Pool, Http1Response, Interrupted, UpstreamClosed
 
 _MAX_ERROR_BODY = 64 * 1024
 
@@ -73,12 +77,20 @@ class UpstreamStream:
         try:
             async for data in self._response.chunks():
                 yield data
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise BackendTimeout(str(exc)) from exc
+        except Interrupted as exc:
+            raise BackendInterrupted(str(exc)) from exc
         except (ConnectionError, OSError) as exc:
             raise BackendUnavailable(f"upstream connection lost: {exc}") from exc
 
     async def read(self) -> bytes:
         try:
             return await self._response.read()
+        except TimeoutError as exc:
+            raise BackendTimeout(str(exc)) from exc
+        except Interrupted as exc:
+            raise BackendInterrupted(str(exc)) from exc
         except (ConnectionError, OSError) as exc:
             raise BackendUnavailable(f"upstream connection lost: {exc}") from exc
 
@@ -121,6 +133,10 @@ class OpenAICompatBackend:
     async def start(self) -> None:
         self._pool = Http1Pool(self.root, connect_timeout_s=self.config.connect_timeout_s)
 
+    def interrupt(self, reason: str) -> None:
+        if self._pool is not None:
+            self._pool.interrupt(reason)
+
     async def aclose(self) -> None:
         if self._pool is not None:
             await self._pool.aclose()
@@ -137,16 +153,20 @@ class OpenAICompatBackend:
         error.engine = self.engine
         return error
 
-    async def _request(self, request: bytes) -> Http1Response:
+    async def _request(self, request: bytes, limits: Limits = NO_LIMITS) -> Http1Response:
         try:
-            return await self.pool.request(request)
+            return await self.pool.request(request, limits)
         except TimeoutError as exc:
-            raise self._tag(BackendTimeout("upstream connect timed out")) from exc
+            raise self._tag(BackendTimeout(str(exc) or "upstream timed out")) from exc
+        except Interrupted as exc:
+            raise self._tag(BackendInterrupted(str(exc))) from exc
+        except UpstreamClosed as exc:  # connected, then dropped: alive but failing
+            raise self._tag(BackendFailed(f"upstream dropped the request: {exc}")) from exc
         except (ConnectionError, OSError) as exc:
             raise self._tag(BackendUnavailable(f"upstream unreachable: {exc}")) from exc
 
     # -- data plane ------------------------------------------------------------------
-    async def send(self, call: UpstreamCall) -> UpstreamStream:
+    async def send(self, call: UpstreamCall, limits: Limits = NO_LIMITS) -> UpstreamStream:
         headers = b"".join(
             (
                 b"Content-Type: application/json\r\nX-Request-Id: ",
@@ -158,7 +178,7 @@ class OpenAICompatBackend:
         request = self.pool.build(
             b"POST", self._prefix + call.endpoint.value.encode(), headers, call.body
         )
-        response = await self._request(request)
+        response = await self._request(request, limits)
         if response.status >= 400:
             try:
                 raw = await asyncio.wait_for(response.read(), self.config.probe_timeout_s)

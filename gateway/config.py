@@ -39,12 +39,47 @@ class CorsConfig(Strict):
 class ServerConfig(Strict):
     bind: str = "127.0.0.1:8080"
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
+    # all request header lines together; more is answered 431
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
     cors: CorsConfig = CorsConfig()
     access_log: bool = True
+    # SIGTERM: stop admitting, let running requests finish for this long, then end them
+    shutdown_grace_s: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class AuthConfig(Strict):
     token: str | None = None
+
+
+class RetryConfig(Strict):
+    """Retries before the first byte (``policies.retry``)."""
+
+    attempts: Annotated[int, Meta(ge=1, le=10)] = 3
+    backoff_base_s: Annotated[float, Meta(ge=0)] = 0.05
+    backoff_max_s: Annotated[float, Meta(ge=0)] = 2.0
+    # retries in flight may be at most this share of the pool's requests in flight ...
+    budget_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    # ... or this many, whichever is larger
+    budget_min: Annotated[int, Meta(ge=0)] = 3
+
+
+class TimeoutConfig(Strict):
+    """Upstream deadlines. Connect is per replica (``connect_timeout_s``)."""
+
+    # streams: from sending the request to the first byte of the answer
+    first_token_s: Annotated[float, Meta(gt=0)] = 120.0
+    # streams: the longest silence between two chunks once the answer started
+    idle_s: Annotated[float, Meta(gt=0)] = 60.0
+    # from the first attempt to the last byte, retries included
+    total_s: Annotated[float, Meta(gt=0)] = 600.0
+
+
+class EjectionConfig(Strict):
+    """Passive health: consecutive failures take a replica out for a growing cooldown."""
+
+    consecutive_failures: Annotated[int, Meta(ge=1)] = 5
+    cooldown_s: Annotated[float, Meta(gt=0)] = 10.0
+    max_cooldown_s: Annotated[float, Meta(gt=0)] = 300.0
 
 
 class PoolConfig(Strict):
@@ -55,6 +90,9 @@ class PoolConfig(Strict):
     queue_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
     health_interval_s: Annotated[float, Meta(gt=0)] = 5.0
     max_context_tokens: Annotated[int, Meta(ge=1)] = 32768
+    retry: RetryConfig = RetryConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+    ejection: EjectionConfig = EjectionConfig()
 
 
 class TasksConfig(Strict):

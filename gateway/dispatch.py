@@ -1,9 +1,13 @@
 """dispatch(): admission -> placement -> send -> first byte, shared by every surface.
 
-Retries happen only here and only before anything reached the client: a connect failure,
-an upstream 5xx/429, or a stream that fails before its first event releases the slot,
+Retries happen only here and only before anything reached the client (the policy is
+``policies.retry``): a failed attempt releases its slot, is reported to passive health,
 backs off and goes to another ready replica when there is one. After :class:`Committed`
-is returned, the caller owns the upstream response and the lease and must close both.
+is returned, the caller owns the upstream response and the lease and must close both;
+from then on a failure is reported in-band, never retried.
+
+Every attempt runs under the pool's limits (``[pools.timeouts]``): first token and idle
+gap for streams, and one total deadline for the whole request, retries included.
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from backends.base import UpstreamCall, UpstreamResponse
-from backends.errors import BackendError, BackendOverloaded, BackendUnavailable
+from backends.base import Limits, UpstreamCall, UpstreamResponse
+from backends.errors import BackendError, BackendUnavailable
 from gateway.streaming import SseReader
-from policies.admission import Lease, Priority, Ticket
+from policies.admission import AdmissionError, Lease, Priority, Ticket
 from policies.health import mark_unreachable
 
 if TYPE_CHECKING:
     from gateway.state import PoolRuntime
 
-MAX_ATTEMPTS = 3
-BASE_BACKOFF_S = 0.05
-MAX_BACKOFF_S = 2.0
+
+class _GiveUp(Exception):
+    """Ends the retry loop with ``error`` (tenacity retries any retryable BackendError)."""
+
+    def __init__(self, error: BackendError) -> None:
+        self.error = error
 
 
 class Committed:
@@ -52,15 +59,8 @@ class Committed:
             self.lease.release()
 
 
-def _backoff_s(attempt: int, error: BackendError) -> float:
-    delay = min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2 ** (attempt - 1))
-    if isinstance(error, BackendOverloaded) and error.retry_after_s is not None:
-        delay = min(MAX_BACKOFF_S, max(delay, error.retry_after_s))
-    return delay
-
-
-async def _open_once(lease: Lease, call: UpstreamCall, attempt: int) -> Committed:
-    upstream = await lease.replica.backend.send(call)
+async def _open_once(lease: Lease, call: UpstreamCall, limits: Limits, attempt: int) -> Committed:
+    upstream = await lease.replica.backend.send(call, limits)
     if not call.stream:
         return Committed(lease, upstream, attempt)
     try:
@@ -72,39 +72,117 @@ async def _open_once(lease: Lease, call: UpstreamCall, attempt: int) -> Committe
     return Committed(lease, upstream, attempt, reader, first)
 
 
+def _limits(pool: PoolRuntime, stream: bool, deadline: float) -> Limits:
+    timeouts = pool.config.timeouts
+    if stream:
+        return Limits(timeouts.first_token_s, timeouts.idle_s, deadline)
+    return Limits(None, timeouts.idle_s, deadline)
+
+
 async def dispatch(
     pool: PoolRuntime,
     priority: Priority,
     make_call: Callable[[str], UpstreamCall],
     *,
-    max_attempts: int = MAX_ATTEMPTS,
     ticket: Ticket | None = None,
+    client_retries: int = 0,
 ) -> Committed:
     """Run one request to its first byte; ``make_call(replica_id)`` builds the call for the
     chosen replica (its model name may differ). ``ticket`` is an admission the caller
-    already holds (the task API admits synchronously to answer 429 before 202)."""
-    avoid: set[str] = set()
-    attempt = 0
-    while True:
-        attempt += 1
-        if ticket is not None:
-            lease = await ticket.wait()
-            ticket = None
-        else:
-            lease = await pool.queue.acquire(priority, avoid=avoid)
-        replica = lease.replica
+    already holds (the task API admits synchronously to answer 429 before 202).
+    ``client_retries``: the client's own ``x-stainless-retry-count``."""
+    deadline = asyncio.get_running_loop().time() + pool.config.timeouts.total_s
+    run = _Attempts(pool, priority, make_call, ticket, deadline)
+    try:
+        return await run.once()  # the common case pays nothing for the retry machinery
+    except BackendError as error:
+        if not error.retryable:
+            raise
+        failed: BackendError | None = error
+    retries = pool.retry.attempts(
+        client_retries=client_retries,
+        deadline=deadline,
+        has_alternative=lambda: pool.has_free_replica(run.avoid),
+    )
+    try:
+        async for manager in retries:
+            with manager:
+                if failed is not None:
+                    # replay the first failure so tenacity makes the first retry decision
+                    error, failed = failed, None
+                    raise error
+                try:
+                    return await run.once(retry=True)
+                finally:
+                    retries.attempt_done()
+    except _GiveUp as give_up:
+        raise give_up.error from None
+    raise AssertionError("unreachable: tenacity either returns an attempt or raises")
+
+
+class _Attempts:
+    """The state one request carries across its attempts."""
+
+    __slots__ = (
+        "attempt",
+        "avoid",
+        "deadline",
+        "last_error",
+        "make_call",
+        "pool",
+        "priority",
+        "ticket",
+    )
+
+    def __init__(
+        self,
+        pool: PoolRuntime,
+        priority: Priority,
+        make_call: Callable[[str], UpstreamCall],
+        ticket: Ticket | None,
+        deadline: float,
+    ) -> None:
+        self.pool = pool
+        self.priority = priority
+        self.make_call = make_call
+        self.ticket = ticket
+        self.deadline = deadline
+        self.attempt = 0
+        self.avoid: set[str] = set()
+        self.last_error: BackendError | None = None
+
+    async def once(self, *, retry: bool = False) -> Committed:
+        pool = self.pool
+        self.attempt += 1
         try:
-            return await _open_once(lease, make_call(replica.replica_id), attempt)
+            if self.ticket is not None:
+                lease = await self.ticket.wait()
+                self.ticket = None
+            else:
+                lease = await pool.queue.acquire(self.priority, avoid=self.avoid)
+        except AdmissionError:
+            if retry and self.last_error is not None:
+                raise _GiveUp(self.last_error) from None  # no room for the retry: the cause
+            raise
+        replica = lease.replica
+        call = self.make_call(replica.replica_id)
+        try:
+            committed = await _open_once(
+                lease, call, _limits(pool, call.stream, self.deadline), self.attempt
+            )
         except BackendError as error:
             lease.release(observe=False)
+            error.attempts = self.attempt
+            error.replica_id = error.replica_id or replica.replica_id
             if isinstance(error, BackendUnavailable):
                 mark_unreachable(replica, pool.queue, error.message)
                 pool.health.wake(replica.replica_id)
-            if not error.retryable or attempt >= max_attempts:
-                error.attempts = attempt
-                raise
-            avoid.add(replica.replica_id)
-            await asyncio.sleep(_backoff_s(attempt, error))
+            pool.health.record_failure(replica, error)
+            self.avoid.add(replica.replica_id)
+            self.last_error = error
+            raise
         except BaseException:
             lease.release(observe=False)
             raise
+        replica.failures = 0
+        return committed

@@ -7,6 +7,7 @@ the health monitor; plus the model index. Nothing here is global.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,13 +16,27 @@ from backends.registry import ModelIndex, build_backend
 from gateway.config import Config, PoolConfig
 from gateway.tasks import TaskBook
 from gateway.wire import models_list
-from policies.admission import AdmissionQueue
-from policies.health import HealthMonitor, mark_unreachable
+from policies.admission import AdmissionQueue, PoolClosed
+from policies.health import Ejector, HealthMonitor, mark_unreachable
 from policies.replicas import ReplicaState
+from policies.retry import RetryBudget, RetryPolicy
+
+log = logging.getLogger("orchgate")
+
+SHUTDOWN_MESSAGE = "the gateway is shutting down"
 
 
 class PoolRuntime:
-    __slots__ = ("canonical", "config", "health", "id", "queue", "replicas", "upstream_model")
+    __slots__ = (
+        "canonical",
+        "config",
+        "health",
+        "id",
+        "queue",
+        "replicas",
+        "retry",
+        "upstream_model",
+    )
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
@@ -34,8 +49,33 @@ class PoolRuntime:
             queue_timeout_s=config.queue_timeout_s,
             unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
         )
-        self.health = HealthMonitor(self.replicas, self.queue, config.health_interval_s)
+        ejection = config.ejection
+        self.health = HealthMonitor(
+            self.replicas,
+            self.queue,
+            config.health_interval_s,
+            Ejector(
+                self.queue,
+                consecutive_failures=ejection.consecutive_failures,
+                cooldown_s=ejection.cooldown_s,
+                max_cooldown_s=ejection.max_cooldown_s,
+            ),
+        )
+        retry = config.retry
+        self.retry = RetryPolicy(
+            attempts=retry.attempts,
+            backoff_base_s=retry.backoff_base_s,
+            backoff_max_s=retry.backoff_max_s,
+            budget=RetryBudget(retry.budget_ratio, retry.budget_min, self.in_flight),
+        )
         self.upstream_model = {r.id: r.upstream_model or self.canonical for r in config.replicas}
+
+    def in_flight(self) -> int:
+        """Requests holding a slot or waiting for one."""
+        return self.queue.in_use() + self.queue.depth()
+
+    def has_free_replica(self, avoid: set[str]) -> bool:
+        return any(r.free_slots > 0 and r.replica_id not in avoid for r in self.replicas)
 
     @property
     def engine(self) -> str:
@@ -50,6 +90,8 @@ class GatewayState:
         self.started_at = int(time.time())
         self.tasks = TaskBook(config.tasks)
         self.processes: list[ManagedProcess] = []
+        self.draining = False
+        self._grace_ends: float | None = None
         self.models_body = models_list(
             [(name, p.models[0], p.id) for p in config.pools for name in p.models],
             self.started_at,
@@ -78,7 +120,41 @@ class GatewayState:
 
         return on_exit
 
+    def begin_drain(self, grace_s: float) -> None:
+        """Graceful shutdown, step one (on SIGTERM): admit nothing more, refuse everything
+        queued with a retriable 503, and give what is running ``grace_s`` to finish; then
+        ``end_grace`` ends it with an in-band error."""
+        if self.draining:
+            return
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        self._grace_ends = loop.time() + grace_s
+        log.warning("draining: %s running, %s queued", self._running(), self._queued())
+        for pool in self.pools.values():
+            retry_after = max(1.0, grace_s)
+            pool.queue.close(PoolClosed(SHUTDOWN_MESSAGE, retry_after_s=retry_after))
+        loop.call_later(grace_s, self.end_grace)
+
+    def end_grace(self) -> None:
+        """Graceful shutdown, step two: cut every upstream exchange still open; each client
+        gets an in-band error (or a 503 before its first byte) and its slot is freed."""
+        running = self._running()
+        if running:
+            log.warning("grace period over: ending %s running requests", running)
+        for replica in self.all_replicas():
+            replica.backend.interrupt(SHUTDOWN_MESSAGE)
+
+    def _running(self) -> int:
+        return sum(pool.queue.in_use() for pool in self.pools.values())
+
+    def _queued(self) -> int:
+        return sum(pool.queue.depth() for pool in self.pools.values())
+
     async def stop(self) -> None:
+        if self._grace_ends is not None:
+            # running tasks (task API) hold no client connection the server waits for
+            left = self._grace_ends - asyncio.get_running_loop().time()
+            await self.tasks.wait_running(max(0.0, left))
         await self.tasks.aclose()
         await asyncio.gather(*(pool.health.stop() for pool in self.pools.values()))
         await asyncio.gather(*(process.stop() for process in self.processes))

@@ -19,9 +19,31 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from backends.base import UpstreamResponse
-from backends.errors import BackendError, BackendFailed, openai_error_body
+from backends.errors import (
+    BackendError,
+    BackendFailed,
+    BackendInterrupted,
+    BackendTimeout,
+    openai_error_body,
+)
 
 DONE = b"data: [DONE]\n\n"
+
+# in-band error codes after the first byte (the task API maps them to its own codes)
+CODE_TIMEOUT = "upstream_timeout"
+CODE_SHUTDOWN = "gateway_shutting_down"
+CODE_LOST = "upstream_stream_error"
+CODE_TRUNCATED = "upstream_stream_truncated"
+
+
+def _code_for(error: BackendError) -> str:
+    if isinstance(error, BackendTimeout):
+        return CODE_TIMEOUT
+    if isinstance(error, BackendInterrupted):
+        return CODE_SHUTDOWN
+    return CODE_LOST
+
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -114,15 +136,12 @@ class SseReader:
             async for batch in self._batches:
                 yield batch
         except BackendError as exc:
-            stats.failed = "upstream_lost"
-            yield error_event(
-                f"upstream failed mid-stream: {exc.message}", code="upstream_stream_error"
-            )
+            code = _code_for(exc)
+            stats.failed = code
+            yield error_event(f"upstream failed mid-stream: {exc.message}", code=code)
             yield DONE
             return
         if not stats.done:
-            stats.failed = "upstream_truncated"
-            yield error_event(
-                "upstream ended the stream without [DONE]", code="upstream_stream_truncated"
-            )
+            stats.failed = CODE_TRUNCATED
+            yield error_event("upstream ended the stream without [DONE]", code=CODE_TRUNCATED)
             yield DONE

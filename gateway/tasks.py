@@ -26,9 +26,16 @@ import msgspec
 from msgspec import Meta
 
 from backends.base import Endpoint, UpstreamCall
-from backends.errors import BackendError, BackendRejected, BackendTimeout
+from backends.errors import (
+    BackendError,
+    BackendInterrupted,
+    BackendOverloaded,
+    BackendRejected,
+    BackendTimeout,
+)
 from gateway.config import TasksConfig
 from gateway.dispatch import Committed, dispatch
+from gateway.streaming import CODE_SHUTDOWN, CODE_TIMEOUT
 from policies.admission import AdmissionError, Priority, Ticket
 
 if TYPE_CHECKING:
@@ -250,9 +257,15 @@ class CancelOutcome(enum.Enum):
     ALREADY_FINISHED = "already_finished"
 
 
+# the relay's in-band error codes -> OrchQueue error codes
+_INBAND_CODES = {CODE_TIMEOUT: "DECODE_TIMEOUT", CODE_SHUTDOWN: "POOL_UNAVAILABLE"}
+
+
 def _error_code(error: BackendError) -> tuple[str, bool]:
     if isinstance(error, BackendTimeout):
         return "DECODE_TIMEOUT", True
+    if isinstance(error, BackendInterrupted | BackendOverloaded):
+        return "POOL_UNAVAILABLE", True
     if isinstance(error, BackendRejected):
         return "INVALID_PARAMS", False
     if error.retryable:
@@ -384,7 +397,7 @@ class TaskBook:
                 continue
             if chunk.error is not None:
                 task.fail(
-                    "WORKER_RESET",
+                    _INBAND_CODES.get(str(chunk.error.get("code")), "WORKER_RESET"),
                     str(chunk.error.get("message", "upstream error")),
                     retriable=True,
                 )
@@ -408,6 +421,12 @@ class TaskBook:
                 break
             self._finished.popitem(last=False)
             self._tasks.pop(task_id, None)
+
+    async def wait_running(self, timeout_s: float) -> None:
+        """Let running tasks finish, for at most ``timeout_s`` (graceful shutdown)."""
+        runners = [t.runner for t in self._tasks.values() if t.runner and not t.runner.done()]
+        if runners and timeout_s > 0:
+            await asyncio.wait(runners, timeout=timeout_s)
 
     async def aclose(self) -> None:
         runners = [t.runner for t in self._tasks.values() if t.runner and not t.runner.done()]

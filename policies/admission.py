@@ -50,6 +50,10 @@ class QueueTimeout(AdmissionError):
     """The request waited longer than the pool's queue timeout."""
 
 
+class PoolClosed(AdmissionError):
+    """The gateway is shutting down: nothing more is admitted, waiters are refused."""
+
+
 class Lease:
     """One reserved slot on one replica. ``release`` is idempotent."""
 
@@ -155,6 +159,7 @@ class AdmissionQueue:
         self.rate = rate or ServiceRate()
         self._clock = clock
         self._waiting: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
+        self.closed: PoolClosed | None = None
 
     # -- observation -------------------------------------------------------------------
     def depth(self, priority: Priority | None = None) -> int:
@@ -193,7 +198,10 @@ class AdmissionQueue:
     # -- acquire / release ---------------------------------------------------------------
     def enqueue(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
         """Admit a request now, without awaiting: a ticket holding either a lease (a slot
-        was free) or a place in the queue. Raises ``PoolUnready`` or ``QueueFull``."""
+        was free) or a place in the queue. Raises ``PoolUnready``, ``QueueFull`` or
+        ``PoolClosed``."""
+        if self.closed is not None:
+            raise self.closed
         if not self.is_ready():
             raise PoolUnready(
                 "no replica of this pool is ready", retry_after_s=self.unready_retry_s
@@ -229,6 +237,11 @@ class AdmissionQueue:
                     return  # no slot: nobody behind this waiter may jump ahead
                 queue.popleft()
                 waiter.future.set_result(self._grant(replica))
+
+    def close(self, error: PoolClosed) -> None:
+        """Admit nothing from now on and refuse everyone waiting (graceful shutdown)."""
+        self.closed = error
+        self.fail_waiters(error)
 
     def fail_waiters(self, error: AdmissionError) -> None:
         """Refuse every waiting request (the pool lost its last ready replica)."""

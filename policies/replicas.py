@@ -1,8 +1,9 @@
 """The gateway's own view of one replica: readiness and slot accounting.
 
-Written by two owners only: the health monitor (``ready``, ``slots``, ``engine_version``,
-``detail``) and the admission queue (``in_use``). Both run on the one event loop, so no
-lock is needed; nothing here awaits.
+Written by three owners only: the health monitor (``ready``, ``slots``,
+``engine_version``, ``detail``, the ejection fields), the admission queue (``in_use``)
+and the dispatcher, which resets ``failures`` when a request succeeds. All run on the one
+event loop, so no lock is needed; nothing here awaits.
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from backends.base import Backend
 class ReplicaState:
     """Mutable runtime state of one replica, next to its adapter."""
 
-    __slots__ = ("backend", "detail", "engine_version", "in_use", "ready", "slots")
+    __slots__ = (
+        "backend",
+        "detail",
+        "ejected_until",
+        "ejections",
+        "engine_version",
+        "failures",
+        "in_use",
+        "ready",
+        "slots",
+    )
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -22,6 +33,9 @@ class ReplicaState:
         self.in_use = 0
         self.engine_version: str | None = None
         self.detail: str | None = "not probed yet"
+        self.failures = 0  # consecutive data-plane failures
+        self.ejections = 0  # recent ejections; each one doubles the next cooldown
+        self.ejected_until = 0.0  # time.monotonic(); probes cannot restore it before then
 
     @property
     def replica_id(self) -> str:

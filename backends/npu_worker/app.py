@@ -120,7 +120,7 @@ def _chat_bounds(body: dict[str, Any]) -> tuple[list[dict[str, str]], int, bool,
     return clean, max_new, bool(body.get("stream")), usage
 
 
-def create_worker_app(gen: Generator, *, bind: str) -> Litestar:
+def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 - route table
     model_entry = {
         "id": gen.config.model_id,
         "object": "model",

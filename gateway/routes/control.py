@@ -5,6 +5,7 @@ health and load)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from litestar import Response, get
@@ -52,6 +53,9 @@ def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, 
         "slots_in_use": replica.in_use,
         "engine_running": None if load is None else load.running,
         "engine_waiting": None if load is None else load.waiting,
+        "consecutive_failures": replica.failures,
+        "ejections": replica.ejections,
+        "ejected_for_s": round(max(0.0, replica.ejected_until - time.monotonic()), 3),
     }
 
 
@@ -59,9 +63,10 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
     @get("/health")
     async def health() -> Response[dict[str, Any]]:
         pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
-        ready = all(p["ready"] for p in pools.values())
+        ready = all(p["ready"] for p in pools.values()) and not state.draining
+        status = "draining" if state.draining else "ok" if ready else "unready"
         return Response(
-            {"status": "ok" if ready else "unready", "live": True, "ready": ready, "pools": pools},
+            {"status": status, "live": True, "ready": ready, "pools": pools},
             status_code=200 if ready else 503,
         )
 
@@ -76,6 +81,11 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
         metrics["replicas"] = [
             _replica_view(r, load) for r, load in zip(pool.replicas, loads, strict=True)
         ]
-        return {"live": True, "ready": pool.queue.is_ready(), "draining": False, "metrics": metrics}
+        return {
+            "live": True,
+            "ready": pool.queue.is_ready() and not state.draining,
+            "draining": state.draining,
+            "metrics": metrics,
+        }
 
     return [health, pool_health]

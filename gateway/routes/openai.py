@@ -42,8 +42,9 @@ from gateway.errors import (
 from gateway.logging import AccessLog, AccessRecord
 from gateway.state import GatewayState, PoolRuntime
 from gateway.streaming import DONE, error_event
-from gateway.wire import parse_routing_view, with_model
+from gateway.wire import RoutingView, parse_routing_view, with_model
 from policies.admission import AdmissionError, Priority, QueueFull
+from policies.retry import RETRY_COUNT_HEADER, client_retry_count
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _SSE_HEADERS: Headers = [
@@ -104,6 +105,18 @@ def call_factory(
         return UpstreamCall(endpoint, payload, stream, rid)
 
     return make_call
+
+
+def _check_max_tokens(view: RoutingView, limit: int) -> None:
+    """Absurd budgets are refused here, as OpenAI does, rather than queued (llama.cpp reads
+    some of them as "generate until the context is full")."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(view, field)
+        if value is not None and value > limit:
+            raise InvalidRequest(
+                f"{field} is {value}, above this model's context of {limit} tokens",
+                param=field,
+            )
 
 
 class _Exchange:
@@ -170,7 +183,12 @@ class OpenAIProxy:
             pool, priority, make_call = await self._prepare(endpoint, scope, receive, rid, ex)
             watch = DisconnectWatch(receive)
             try:
-                committed = await dispatch(pool, priority, make_call)
+                committed = await dispatch(
+                    pool,
+                    priority,
+                    make_call,
+                    client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
+                )
             except AdmissionError as error:
                 raise admission_error(error) from None
             ex.replica = committed.lease.replica.replica_id
@@ -217,6 +235,7 @@ class OpenAIProxy:
         view = parse_routing_view(body, endpoint)
         model: str = view.model  # type: ignore[assignment]  # checked by the view
         pool = self.pool_for(model)
+        _check_max_tokens(view, pool.config.max_context_tokens)
         stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
         ex.pool, ex.engine = pool.id, pool.engine
         return pool, priority, call_factory(pool, endpoint, body, model, stream, rid)

@@ -18,7 +18,7 @@ from backends.base import Endpoint
 from gateway.errors import GatewayError, backoff_headers
 from gateway.state import GatewayState, PoolRuntime
 from gateway.tasks import CancelOutcome, Task, TaskBook, TaskRequest, Workload
-from policies.admission import PoolUnready, QueueFull
+from policies.admission import AdmissionError, PoolUnready, QueueFull
 
 _decoder = msgspec.json.Decoder(TaskRequest)
 _CHARS_PER_TOKEN = 4  # a conservative prompt-size estimate without a tokenizer
@@ -178,6 +178,15 @@ def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
             503,
             "POOL_UNREADY",
             "no replica of the pool is ready",
+            engine=pool.engine,
+            retriable=True,
+            retry_after_s=exc.retry_after_s,
+        ) from None
+    except AdmissionError as exc:  # closed: the gateway is shutting down
+        raise TaskError(
+            503,
+            "POOL_UNAVAILABLE",
+            str(exc),
             engine=pool.engine,
             retriable=True,
             retry_after_s=exc.retry_after_s,

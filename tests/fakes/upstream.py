@@ -9,7 +9,12 @@ Modes: ``stream`` / ``json`` (normal answers), ``hang`` (accept, never answer),
 ``hang_after_headers`` (200 + headers, then nothing), ``status`` (``status``, optional
 ``retry_after``, ``body``), ``reset_before_headers``, ``reset_after`` (reset after
 ``chunks`` events), ``error_event`` (in-band error after ``chunks`` events),
-``llamacpp_error`` (llama.cpp's ``error:`` line), ``no_done``.
+``llamacpp_error`` (llama.cpp's ``error:`` line), ``no_done``, ``drip`` (``chunks`` events,
+``delay_s`` apart, after a first one at once). A stopped server is "refused".
+
+Faults can also be scripted per replica, whatever the body says: ``fake.script`` is a list
+of specs consumed one per request (``fake.script = [{"mode": "status", "status": 503}]``
+fails the next request only), so a retry can be seen succeeding.
 
 It records every body it received and every connection that closed before the answer was
 complete (``disconnects``: monotonic timestamps), so tests assert the gateway let go.
@@ -44,6 +49,7 @@ class FakeUpstream:
         self.bodies: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.disconnects: list[float] = []
+        self.script: list[dict[str, Any]] = []
         self.active = 0
         self.healthy = True
         self.reset_posts = False  # health passes but every request is reset: a sick replica
@@ -88,88 +94,103 @@ class FakeUpstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         if self.reset_posts:
-            assert request.transport is not None
-            request.transport.abort()
-            return web.Response()
+            return _reset(request)
         self.bodies.append(raw)
         self.headers.append(dict(request.headers))
         body = _decoder.decode(raw)
-        spec: dict[str, Any] = body.get("fake") or {}
+        spec: dict[str, Any] = self.script.pop(0) if self.script else (body.get("fake") or {})
         mode = spec.get("mode") or ("stream" if body.get("stream") else "json")
         self.active += 1
         try:
-            return await self._dispatch(request, body, spec, mode)
+            return await _MODES.get(mode, _stream)(request, body, spec)
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects.append(time.monotonic())
             raise
         finally:
             self.active -= 1
 
-    async def _dispatch(
-        self, request: web.Request, body: dict[str, Any], spec: dict[str, Any], mode: str
-    ) -> web.StreamResponse:
-        delay = float(spec.get("delay_s", 0))
-        chunks = int(spec.get("chunks", 3))
-        if mode == "hang":
-            await asyncio.sleep(3600)
-        if mode == "status":
-            headers = {}
-            if "retry_after" in spec:
-                headers["Retry-After"] = str(spec["retry_after"])
-            payload = spec.get(
-                "body",
+
+def _reset(request: web.Request) -> web.Response:
+    assert request.transport is not None
+    request.transport.abort()
+    return web.Response()
+
+
+async def _hang(request: web.Request, body: dict[str, Any], spec: dict[str, Any]) -> Any:
+    await asyncio.sleep(3600)
+
+
+async def _status(request: web.Request, body: dict[str, Any], spec: dict[str, Any]) -> Any:
+    await asyncio.sleep(float(spec.get("delay_s", 0)))
+    headers = {}
+    if "retry_after" in spec:
+        headers["Retry-After"] = str(spec["retry_after"])
+    payload = spec.get(
+        "body",
+        {"error": {"message": "fake failure", "code": spec["status"], "type": "server_error"}},
+    )
+    return web.json_response(payload, status=int(spec["status"]), headers=headers)
+
+
+async def _reset_before_headers(
+    request: web.Request, body: dict[str, Any], spec: dict[str, Any]
+) -> Any:
+    return _reset(request)
+
+
+async def _json(request: web.Request, body: dict[str, Any], spec: dict[str, Any]) -> Any:
+    await asyncio.sleep(float(spec.get("delay_s", 0)))
+    return web.json_response(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1,
+            "model": body.get("model"),
+            "choices": [
                 {
-                    "error": {
-                        "message": "fake failure",
-                        "code": spec["status"],
-                        "type": "server_error",
-                    }
-                },
-            )
-            return web.json_response(payload, status=int(spec["status"]), headers=headers)
-        if mode == "reset_before_headers":
-            assert request.transport is not None
-            request.transport.abort()
-            return web.Response()
-        if mode == "json":
-            await asyncio.sleep(delay)
-            return web.json_response(
-                {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion",
-                    "created": 1,
-                    "model": body.get("model"),
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "ok"},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
                 }
-            )
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        if mode == "hang_after_headers":
-            await asyncio.sleep(3600)
-        for i in range(chunks):
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+
+
+_TRAILERS = {
+    "error_event": b'data: {"error": {"message": "engine exploded", '
+    b'"type": "server_error", "code": 500}}\n\n',
+    "llamacpp_error": b'error: {"code": 500, "message": "slot crashed", '
+    b'"type": "server_error"}\n\n',
+}
+
+
+async def _stream(request: web.Request, body: dict[str, Any], spec: dict[str, Any]) -> Any:
+    mode = spec.get("mode", "stream")
+    delay = float(spec.get("delay_s", 0))
+    chunks = int(spec.get("chunks", 3))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    if mode == "hang_after_headers":
+        await asyncio.sleep(3600)
+    for i in range(chunks):
+        if i or mode != "drip":
             await asyncio.sleep(delay)
-            await response.write(chunk(i, f"t{i} "))
-        if mode == "reset_after":
-            assert request.transport is not None
-            request.transport.abort()
-            return response
-        if mode == "error_event":
-            await response.write(
-                b'data: {"error": {"message": "engine exploded", '
-                b'"type": "server_error", "code": 500}}\n\n'
-            )
-        elif mode == "llamacpp_error":
-            await response.write(
-                b'error: {"code": 500, "message": "slot crashed", "type": "server_error"}\n\n'
-            )
-        if mode != "no_done":
-            await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        await response.write(chunk(i, f"t{i} "))
+    if mode == "reset_after":
+        return _reset(request)
+    if mode in _TRAILERS:
+        await response.write(_TRAILERS[mode])
+    if mode != "no_done":
+        await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+_MODES = {
+    "hang": _hang,
+    "status": _status,
+    "reset_before_headers": _reset_before_headers,
+    "json": _json,
+}
