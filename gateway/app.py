@@ -8,25 +8,27 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
-from litestar import Litestar, Request, Response, asgi
+import msgspec
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
-from litestar.openapi import OpenAPIConfig
 
 from backends.base import OPENAI_ENDPOINTS, Endpoint
-from gateway import __version__
+from gateway.asgi import send_bytes
 from gateway.auth import TokenCheck
 from gateway.config import Config
 from gateway.errors import (
     GatewayError,
+    HeadersTooLarge,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
 )
 from gateway.logging import AccessLog
+from gateway.openapi import build_openapi
 from gateway.routes.control import control_handlers
 from gateway.routes.openai import OpenAIProxy, request_id
 from gateway.routes.tasks import task_router
@@ -138,6 +140,12 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
         finally:
             await state.stop()
 
+    openapi_body = msgspec.json.encode(build_openapi(config))
+
+    @get("/openapi.json", media_type="application/json")
+    async def openapi() -> bytes:
+        return openapi_body
+
     cors = None
     if config.server.cors.allow_origins:
         cors = CORSConfig(
@@ -154,6 +162,7 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
             *_openai_routes(proxy),
             *control_handlers(state, guards=[require_token]),
             task_router(state, state.tasks, guards=[require_token]),
+            openapi,
         ],
         lifespan=[lifespan],
         cors_config=cors,
@@ -164,12 +173,28 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
             HTTPException: _http_exception_handler,
             Exception: _unhandled_handler,
         },
-        openapi_config=OpenAPIConfig(title="orchgate", version=__version__, path="/schema"),
+        openapi_config=None,  # gateway/openapi.py: the generated one would miss the data plane
         logging_config=None,
         debug=False,
     )
     app.state.gateway = state
-    return GatewayApp(app, proxy, state, cors_origins=config.server.cors.allow_origins)
+    return GatewayApp(
+        app,
+        proxy,
+        state,
+        cors_origins=config.server.cors.allow_origins,
+        max_header_bytes=config.server.max_header_bytes,
+    )
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _header_bytes(scope: Any) -> int:
+    size = 0
+    for name, value in scope["headers"]:
+        size += len(name) + len(value)
+    return size
 
 
 class GatewayApp:
@@ -185,9 +210,11 @@ class GatewayApp:
         state: GatewayState,
         *,
         cors_origins: list[str],
+        max_header_bytes: int,
     ) -> None:
         self.litestar = litestar
         self.state = state
+        self.max_header_bytes = max_header_bytes
         self._cors = {origin.encode() for origin in cors_origins}
         self._cors_any = "*" in cors_origins
         self._hot: dict[str, Any] = {}
@@ -199,6 +226,10 @@ class GatewayApp:
             self._hot[path] = proxy.models
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _header_bytes(scope) > self.max_header_bytes:
+            # uvicorn's httptools parser sets no limit of its own
+            await self._headers_too_large(scope, send)
+            return
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
             handler = self._hot.get(scope["path"])
             if handler is not None:
@@ -207,6 +238,16 @@ class GatewayApp:
                 await handler(scope, receive, send)
                 return
         await self.litestar(scope, receive, send)
+
+    async def _headers_too_large(self, scope: Any, send: Any) -> None:
+        error = HeadersTooLarge(
+            f"the request headers exceed the {self.max_header_bytes}-byte limit"
+        )
+        body = error.envelope()
+        if scope["path"].startswith("/v1/tasks"):  # the task API's own envelope
+            body = {"code": "INVALID_PARAMS", "message": error.message, "engine": None}
+        headers = [(b"x-request-id", request_id(scope).encode()), (b"connection", b"close")]
+        await send_bytes(send, error.status, _encoder.encode(body), headers)
 
     def _with_cors(self, scope: Any, send: Any) -> Any:
         origin = next((v for k, v in scope["headers"] if k == b"origin"), None)

@@ -86,6 +86,12 @@ class BodyTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class QueueFullError(GatewayError):
     status = 429
     type = "rate_limit_error"

@@ -45,12 +45,11 @@ _REQUIRED = {
 }
 
 
-def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
-    """Decode and check the routing fields; raise ``InvalidRequest`` with the field named."""
+def _decode_view(body: bytes) -> RoutingView:
     if not body:
         raise InvalidJson("the request body is empty; expected a JSON object")
     try:
-        view = _view_decoder.decode(body)
+        return _view_decoder.decode(body)
     except msgspec.ValidationError as exc:
         message, _, path = str(exc).partition(" - at `$.")
         param = path.rstrip("`").split(".")[0].split("[")[0] or None
@@ -59,6 +58,13 @@ def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
         raise InvalidRequest(f"invalid field {param!r}: {message}", param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # bad UTF-8 inside a decoded string field
+        raise InvalidJson(f"the request body is not valid UTF-8: {exc.reason}") from None
+
+
+def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
+    """Decode and check the routing fields; raise ``InvalidRequest`` with the field named."""
+    view = _decode_view(body)
     if not body.isascii():
         # msgspec skips unknown fields without validating them; never forward bad UTF-8
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from gateway.auth import TokenCheck
 from gateway.dispatch import Committed, dispatch
 from gateway.errors import (
     GatewayError,
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
@@ -45,6 +47,8 @@ from gateway.streaming import DONE, error_event
 from gateway.wire import RoutingView, parse_routing_view, with_model
 from policies.admission import AdmissionError, Priority, QueueFull
 from policies.retry import RETRY_COUNT_HEADER, client_retry_count
+
+log = logging.getLogger("orchgate")
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _SSE_HEADERS: Headers = [
@@ -120,11 +124,24 @@ def _check_max_tokens(view: RoutingView, limit: int) -> None:
 
 
 class _Exchange:
-    """Per-request bookkeeping for the access log."""
+    """Per-request state: what must be closed, and what the access log records."""
 
-    __slots__ = ("attempts", "events", "first_byte", "pool", "replica", "engine", "status", "error")
+    __slots__ = (
+        "attempts",
+        "committed",
+        "engine",
+        "error",
+        "events",
+        "first_byte",
+        "pool",
+        "replica",
+        "status",
+        "watch",
+    )
 
     def __init__(self) -> None:
+        self.watch: DisconnectWatch | None = None
+        self.committed: Committed | None = None
         self.status = 500
         self.pool: str | None = None
         self.replica: str | None = None
@@ -177,30 +194,8 @@ class OpenAIProxy:
         rid = request_id(scope)
         headers: Headers = [(b"x-request-id", rid.encode())]
         ex = _Exchange()
-        watch: DisconnectWatch | None = None
-        committed: Committed | None = None
         try:
-            pool, priority, make_call = await self._prepare(endpoint, scope, receive, rid, ex)
-            watch = DisconnectWatch(receive)
-            try:
-                committed = await dispatch(
-                    pool,
-                    priority,
-                    make_call,
-                    client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
-                )
-            except AdmissionError as error:
-                raise admission_error(error) from None
-            ex.replica = committed.lease.replica.replica_id
-            ex.attempts = committed.attempts
-            headers += [
-                (b"x-orchgate-replica", ex.replica.encode()),
-                (b"x-orchgate-attempts", str(committed.attempts).encode()),
-            ]
-            if committed.reader is not None:
-                await self._stream(committed, send, headers, watch, ex)
-            else:
-                await self._whole(committed, send, headers, watch, ex)
+            await self._exchange(endpoint, scope, receive, send, headers, rid, ex)
         except GatewayError as error:
             ex.status, ex.error = error.status, error.code
             await send_error(send, error, headers)
@@ -209,15 +204,52 @@ class OpenAIProxy:
         except ClientDisconnected:
             ex.status, ex.error = 499, "client_disconnected"
         except asyncio.CancelledError:
-            if watch is None or not watch.disconnected:
+            if ex.watch is None or not ex.watch.disconnected:
                 raise
             ex.status, ex.error = 499, "client_disconnected"
+        except Exception:  # a bug: the client still gets an envelope, never a traceback
+            log.exception("unhandled error on %s", scope["path"])
+            ex.status, ex.error = 500, "internal_error"
+            if ex.first_byte is None:
+                await send_error(send, InternalError("internal gateway error"), headers)
         finally:
-            if watch is not None:
-                watch.close()
-            if committed is not None:
-                await committed.aclose()
+            if ex.watch is not None:
+                ex.watch.close()
+            if ex.committed is not None:
+                await ex.committed.aclose()
             self._log(scope, rid, ex, started)
+
+    async def _exchange(
+        self,
+        endpoint: Endpoint,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        headers: Headers,
+        rid: str,
+        ex: _Exchange,
+    ) -> None:
+        pool, priority, make_call = await self._prepare(endpoint, scope, receive, rid, ex)
+        watch = ex.watch = DisconnectWatch(receive)
+        try:
+            committed = ex.committed = await dispatch(
+                pool,
+                priority,
+                make_call,
+                client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
+            )
+        except AdmissionError as error:
+            raise admission_error(error) from None
+        ex.replica = committed.lease.replica.replica_id
+        ex.attempts = committed.attempts
+        headers += [
+            (b"x-orchgate-replica", ex.replica.encode()),
+            (b"x-orchgate-attempts", str(committed.attempts).encode()),
+        ]
+        if committed.reader is not None:
+            await self._stream(committed, send, headers, watch, ex)
+        else:
+            await self._whole(committed, send, headers, watch, ex)
 
     async def _prepare(
         self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, rid: str, ex: _Exchange

@@ -133,6 +133,8 @@ def _parse(state: GatewayState, raw: bytes) -> tuple[TaskRequest, PoolRuntime]:
         req = _decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _invalid(f"invalid task request: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 inside a string
+        raise _invalid(f"a string in the request body is not valid UTF-8: {exc.reason}") from None
     pool = _resolve_pool(state, req)
     if req.workload is not Workload.COMPLETION:
         raise _invalid(
