@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Annotated, Any
 
+import msgspec
 import pytest
 
 from gateway.config import ConfigError, load_config, parse_config
@@ -124,3 +128,44 @@ def test_serve_refuses_public_bind_without_token(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(path), env=env)
     assert result.returncode == 2
     assert "refusing to serve without auth" in result.stderr
+
+
+def _config_keys(struct: type, prefix: str = "") -> list[str]:
+    """Every leaf key of the config, spelled as the README's reference table spells it."""
+
+    def plain(kind: Any) -> Any:
+        return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
+
+    def is_struct(kind: Any) -> bool:
+        return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+
+    keys = []
+    for field in msgspec.structs.fields(struct):
+        kind = plain(field.type)
+        item = plain(typing.get_args(kind)[0]) if typing.get_origin(kind) is list else None
+        if is_struct(item):
+            keys += _config_keys(item, f"{prefix}{field.name}[].")
+        elif item is not None and all(map(is_struct, typing.get_args(item))):
+            for engine in typing.get_args(item):  # replicas: one struct per engine
+                keys += [
+                    k for k in _config_keys(engine, f"{prefix}{field.name}[].") if k not in keys
+                ]
+        elif is_struct(kind):
+            keys += _config_keys(kind, f"{prefix}{field.name}.")
+        else:
+            keys.append(prefix + field.name)
+    return keys
+
+
+def test_every_config_key_is_documented_in_the_readme_and_the_example() -> None:
+    from gateway.config import Config
+
+    readme = (REPO / "README.md").read_text()
+    example = (REPO / "orchgate.example.toml").read_text()
+    keys = _config_keys(Config)
+    assert "pools[].retry.attempts" in keys and "server.cors.max_age_s" in keys
+    undocumented = [k for k in keys if f"`{k}`" not in readme and f"`{k} " not in readme]
+    assert undocumented == [], "README configuration reference lacks these keys"
+    leaf_names = {k.rsplit(".", 1)[-1] for k in keys}
+    missing = [n for n in leaf_names if not re.search(rf"^#? ?{n} =", example, re.M)]
+    assert missing == [], "orchgate.example.toml lacks these keys"

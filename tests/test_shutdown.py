@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import REPO, free_port
 from tests.fakes.servers import wait_until
 from tests.fakes.upstream import FakeUpstream
+from tests.sse import read_task_events
 
 GRACE_S = 2.0
 MSG = [{"role": "user", "content": "hi"}]
@@ -196,14 +197,4 @@ def _ready(url: str) -> bool:
 
 
 def _task_stream(url: str, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-    import msgspec
-
-    with httpx.stream("GET", f"{url}/v1/tasks/{task_id}/stream", timeout=30) as r:
-        raw = b"".join(r.iter_bytes())
-    events = []
-    for frame in raw.split(b"\n\n"):
-        if not frame or frame.startswith(b":"):
-            continue
-        name, data = frame.split(b"\n", 1)
-        events.append((name.removeprefix(b"event: ").decode(), msgspec.json.decode(data[6:])))
-    return events
+    return read_task_events(url, task_id, timeout=30)

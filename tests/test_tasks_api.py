@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import Gateway, pool
 from tests.fakes.servers import AiohttpThread, wait_until
 from tests.fakes.upstream import FakeUpstream
+from tests.sse import read_task_events
 
 
 def cfg(url: str, *, slots: int = 1, capacity: int = 8, **tasks: Any) -> dict[str, Any]:
@@ -49,18 +50,7 @@ def submit(gw: Gateway, **body: Any) -> httpx.Response:
 
 
 def read_events(gw: Gateway, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-    with httpx.stream("GET", f"{gw.url}/v1/tasks/{task_id}/stream", timeout=20) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        raw = b"".join(r.iter_bytes())
-    events = []
-    for frame in raw.split(b"\n\n"):
-        if not frame or frame.startswith(b":"):
-            continue
-        name, data = frame.split(b"\n", 1)
-        assert name.startswith(b"event: ") and data.startswith(b"data: ")
-        events.append((name[7:].decode(), msgspec.json.decode(data[6:])))
-    return events
+    return read_task_events(gw.url, task_id)
 
 
 def test_submit_stream_end_with_exact_shapes(gw: Gateway, fake_upstream: Any) -> None:

@@ -66,7 +66,13 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
         ready = all(p["ready"] for p in pools.values()) and not state.draining
         status = "draining" if state.draining else "ok" if ready else "unready"
         return Response(
-            {"status": status, "live": True, "ready": ready, "pools": pools},
+            {
+                "status": status,
+                "live": True,
+                "ready": ready,
+                "tasks_active": state.tasks.active(),
+                "pools": pools,
+            },
             status_code=200 if ready else 503,
         )
 
