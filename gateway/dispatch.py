@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from gateway.state import PoolRuntime
 
 
+_NOWHERE: frozenset[str] = frozenset()
+
+
 class _GiveUp(Exception):
     """Ends the retry loop with ``error`` (tenacity retries any retryable BackendError)."""
 
@@ -57,19 +60,6 @@ class Committed:
             await self.upstream.aclose()
         finally:
             self.lease.release()
-
-
-async def _open_once(lease: Lease, call: UpstreamCall, limits: Limits, attempt: int) -> Committed:
-    upstream = await lease.replica.backend.send(call, limits)
-    if not call.stream:
-        return Committed(lease, upstream, attempt)
-    try:
-        reader = SseReader(upstream)
-        first = await reader.first()
-    except BaseException:
-        await upstream.aclose()
-        raise
-    return Committed(lease, upstream, attempt, reader, first)
 
 
 def _limits(pool: PoolRuntime, stream: bool, deadline: float) -> Limits:
@@ -148,7 +138,7 @@ class _Attempts:
         self.ticket = ticket
         self.deadline = deadline
         self.attempt = 0
-        self.avoid: set[str] = set()
+        self.avoid: frozenset[str] | set[str] = _NOWHERE  # a set once an attempt failed
         self.last_error: BackendError | None = None
 
     async def once(self, *, retry: bool = False) -> Committed:
@@ -167,9 +157,17 @@ class _Attempts:
         replica = lease.replica
         call = self.make_call(replica.replica_id)
         try:
-            committed = await _open_once(
-                lease, call, _limits(pool, call.stream, self.deadline), self.attempt
-            )
+            upstream = await replica.backend.send(call, _limits(pool, call.stream, self.deadline))
+            if call.stream:
+                try:
+                    reader = SseReader(upstream)
+                    first = await reader.first()
+                except BaseException:
+                    await upstream.aclose()
+                    raise
+                committed = Committed(lease, upstream, self.attempt, reader, first)
+            else:
+                committed = Committed(lease, upstream, self.attempt)
         except BackendError as error:
             lease.release(observe=False)
             error.attempts = self.attempt
@@ -178,7 +176,9 @@ class _Attempts:
                 mark_unreachable(replica, pool.queue, error.message)
                 pool.health.wake(replica.replica_id)
             pool.health.record_failure(replica, error)
-            self.avoid.add(replica.replica_id)
+            if self.avoid is _NOWHERE:
+                self.avoid = set()
+            self.avoid.add(replica.replica_id)  # type: ignore[union-attr]
             self.last_error = error
             raise
         except BaseException:

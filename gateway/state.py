@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from backends.process import ManagedProcess
 from backends.registry import ModelIndex, build_backend
@@ -74,7 +74,7 @@ class PoolRuntime:
         """Requests holding a slot or waiting for one."""
         return self.queue.in_use() + self.queue.depth()
 
-    def has_free_replica(self, avoid: set[str]) -> bool:
+    def has_free_replica(self, avoid: Collection[str]) -> bool:
         return any(r.free_slots > 0 and r.replica_id not in avoid for r in self.replicas)
 
     @property

@@ -114,8 +114,10 @@ def call_factory(
 def _check_max_tokens(view: RoutingView, limit: int) -> None:
     """Absurd budgets are refused here, as OpenAI does, rather than queued (llama.cpp reads
     some of them as "generate until the context is full")."""
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(view, field)
+    for field, value in (
+        ("max_tokens", view.max_tokens),
+        ("max_completion_tokens", view.max_completion_tokens),
+    ):
         if value is not None and value > limit:
             raise InvalidRequest(
                 f"{field} is {value}, above this model's context of {limit} tokens",
