@@ -47,6 +47,9 @@ class UpstreamCall(msgspec.Struct, frozen=True):
     body: bytes
     stream: bool
     request_id: str
+    # the gateway added ``stream_options.include_usage`` for its own token accounting: the
+    # usage-only chunk is not relayed to the client
+    hide_usage: bool = False
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -112,6 +115,7 @@ class Backend(Protocol):
     launch_argv: list[str] | None
     endpoints: frozenset[Endpoint]
     configured_slots: int | None
+    gpu_device: int | None  # NVML index, when the replica runs on a known NVIDIA GPU
     default_slots: ClassVar[int]
 
     async def start(self) -> None:

@@ -101,6 +101,7 @@ class BackendError(Exception):
 
     retryable: ClassVar[bool] = False
     default_status: ClassVar[int] = 502
+    kind: ClassVar[str] = "error"  # the ``kind`` label of upstream error metrics
 
     def __init__(
         self,
@@ -135,31 +136,37 @@ class BackendError(Exception):
 class BackendUnavailable(BackendError):
     retryable = True
     default_status = 502
+    kind = "unavailable"
 
 
 class BackendTimeout(BackendError):
     retryable = True
     default_status = 504
+    kind = "timeout"
 
 
 class BackendOverloaded(BackendError):
     retryable = True
     default_status = 503
+    kind = "overloaded"
 
 
 class BackendFailed(BackendError):
     retryable = True
     default_status = 502
+    kind = "failed"
 
 
 class BackendRejected(BackendError):
     retryable = False
     default_status = 400
+    kind = "rejected"
 
 
 class BackendInterrupted(BackendError):
     retryable = False
     default_status = 503
+    kind = "interrupted"
 
 
 def error_from_status(

@@ -52,6 +52,9 @@ class HttpReplicaConfig(Strict, tag_field="engine"):
     # are substituted), restarts it when it dies and stops it on shutdown
     launch: Annotated[list[str], Meta(min_length=1)] | None = None
     model_path: str | None = None
+    # NVIDIA GPU index (as nvidia-smi numbers them) this replica runs on: telemetry and
+    # placement read its utilisation and VRAM through NVML
+    gpu_device: Annotated[int, Meta(ge=0)] | None = None
 
 
 def replica_root(url: str) -> str:
@@ -109,6 +112,7 @@ class OpenAICompatBackend:
         self.config = config
         self.replica_id = config.id
         self.configured_slots = config.slots
+        self.gpu_device = config.gpu_device
         self.root = replica_root(config.url)
         base_path = self.root.split("://", 1)[1].partition("/")[2]
         self._prefix = ("/" + base_path if base_path else "").encode()

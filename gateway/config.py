@@ -103,10 +103,21 @@ class TasksConfig(Strict):
     max_finished: Annotated[int, Meta(ge=0)] = 10_000
 
 
+class MetricsConfig(Strict):
+    """``GET /metrics``: the Home-profile series always; per-backend detail on request."""
+
+    # adds TTFT and duration histograms, upstream errors by kind, retries, ejections and
+    # free VRAM per replica (the Home profile keeps these off by default)
+    extended: bool = False
+    # how often replicas with a ``gpu_device`` are sampled through NVML
+    gpu_interval_s: Annotated[float, Meta(gt=0)] = 2.0
+
+
 class Config(Strict):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     tasks: TasksConfig = TasksConfig()
+    metrics: MetricsConfig = MetricsConfig()
     pools: list[PoolConfig] = []
 
     @property

@@ -101,6 +101,7 @@ async def dispatch(
                     # replay the first failure so tenacity makes the first retry decision
                     error, failed = failed, None
                     raise error
+                pool.retried += 1
                 try:
                     return await run.once(retry=True)
                 finally:
@@ -160,7 +161,7 @@ class _Attempts:
             upstream = await replica.backend.send(call, _limits(pool, call.stream, self.deadline))
             if call.stream:
                 try:
-                    reader = SseReader(upstream)
+                    reader = SseReader(upstream, hide_usage=call.hide_usage)
                     first = await reader.first()
                 except BaseException:
                     await upstream.aclose()
@@ -170,6 +171,7 @@ class _Attempts:
                 committed = Committed(lease, upstream, self.attempt)
         except BackendError as error:
             lease.release(observe=False)
+            replica.errors[error.kind] += 1
             error.attempts = self.attempt
             error.replica_id = error.replica_id or replica.replica_id
             if isinstance(error, BackendUnavailable):
@@ -185,4 +187,5 @@ class _Attempts:
             lease.release(observe=False)
             raise
         replica.failures = 0
+        replica.placed[self.priority] += 1
         return committed

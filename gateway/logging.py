@@ -1,6 +1,7 @@
 """JSON-lines access log: one line per request with method, path, status, timings, pool,
-replica, engine, attempts and the request id. Never prompts, completions, tokens or auth
-headers: the record type has no field that could hold them."""
+replica, engine, attempts, token counts in/out and the request id. Never prompts,
+completions, token text or auth headers: the record type has no field that could hold
+them."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class AccessRecord(msgspec.Struct, omit_defaults=True):
     attempts: int | None = None
     ttfb_ms: float | None = None
     events: int | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
     error: str | None = None
 
 
@@ -53,13 +56,29 @@ def now() -> float:
     return time.time()
 
 
+class JsonFormatter(logging.Formatter):
+    """The gateway's own log records as JSON lines, like the access log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._encoder = msgspec.json.Encoder()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return self._encoder.encode(line).decode()
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Plain JSON-ish lines for the gateway's own loggers; client libraries stay quiet."""
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format='{"ts": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", '
-        '"message": "%(message)s"}',
-    )
+    """JSON lines for the gateway's own loggers on stderr; client libraries stay quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("httpx", "httpcore", "aiohttp.access", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

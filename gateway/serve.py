@@ -49,6 +49,7 @@ def serve(app: GatewayApp, *, host: str, port: int, grace_s: float, log_level: s
         access_log=False,
         proxy_headers=False,  # the gateway never reads X-Forwarded-*; saves ~8% CPU/request
         log_level=log_level,
+        log_config=None,  # uvicorn's records go through the gateway's JSON handler
         timeout_graceful_shutdown=grace_s + _BACKSTOP_S,
     )
     DrainingServer(config, app, grace_s).run()

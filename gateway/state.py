@@ -11,9 +11,11 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
+from backends.gpu import Nvml
 from backends.process import ManagedProcess
 from backends.registry import ModelIndex, build_backend
 from gateway.config import Config, PoolConfig
+from gateway.metrics import ReplicaLatency
 from gateway.tasks import TaskBook
 from gateway.wire import models_list
 from policies.admission import AdmissionQueue, PoolClosed
@@ -34,6 +36,7 @@ class PoolRuntime:
         "id",
         "queue",
         "replicas",
+        "retried",
         "retry",
         "upstream_model",
     )
@@ -69,6 +72,7 @@ class PoolRuntime:
             budget=RetryBudget(retry.budget_ratio, retry.budget_min, self.in_flight),
         )
         self.upstream_model = {r.id: r.upstream_model or self.canonical for r in config.replicas}
+        self.retried = 0  # retry attempts made, for GET /metrics
 
     def in_flight(self) -> int:
         """Requests holding a slot or waiting for one."""
@@ -92,6 +96,14 @@ class GatewayState:
         self.processes: list[ManagedProcess] = []
         self.draining = False
         self._grace_ends: float | None = None
+        # extended metrics only: per-replica latency histograms
+        self.latency: dict[str, ReplicaLatency] = (
+            {r.replica_id: ReplicaLatency() for r in self.all_replicas()}
+            if config.metrics.extended
+            else {}
+        )
+        self.nvml: Nvml | None = None
+        self._gpu_poller: asyncio.Task[None] | None = None
         self.models_body = models_list(
             [(name, p.models[0], p.id) for p in config.pools for name in p.models],
             self.started_at,
@@ -99,6 +111,18 @@ class GatewayState:
 
     def all_replicas(self) -> list[ReplicaState]:
         return [r for pool in self.pools.values() for r in pool.replicas]
+
+    def model_states(self) -> dict[str, str]:
+        """``model_state``: every served model is ``Active`` (reloads retire models)."""
+        return {pool.canonical: "Active" for pool in self.pools.values()}
+
+    async def _poll_gpus(self, nvml: Nvml, interval_s: float) -> None:
+        on_gpu = [r for r in self.all_replicas() if r.backend.gpu_device is not None]
+        while True:
+            samples = await nvml.sample_all_async(r.backend.gpu_device for r in on_gpu)  # type: ignore[misc]
+            for replica in on_gpu:
+                replica.gpu = samples.get(replica.backend.gpu_device)  # type: ignore[arg-type]
+            await asyncio.sleep(interval_s)
 
     async def start(self) -> None:
         for pool in self.pools.values():
@@ -112,6 +136,13 @@ class GatewayState:
                     self.processes.append(process)
                     await process.start()
         await asyncio.gather(*(pool.health.start() for pool in self.pools.values()))
+        if any(r.backend.gpu_device is not None for r in self.all_replicas()):
+            self.nvml = await asyncio.to_thread(Nvml)
+            if self.nvml.available:
+                self._gpu_poller = asyncio.create_task(
+                    self._poll_gpus(self.nvml, self.config.metrics.gpu_interval_s),
+                    name="gpu-telemetry",
+                )
 
     @staticmethod
     def _on_exit(pool: PoolRuntime, replica: ReplicaState) -> Callable[[int], None]:
@@ -156,6 +187,11 @@ class GatewayState:
             left = self._grace_ends - asyncio.get_running_loop().time()
             await self.tasks.wait_running(max(0.0, left))
         await self.tasks.aclose()
+        if self._gpu_poller is not None:
+            self._gpu_poller.cancel()
+            await asyncio.gather(self._gpu_poller, return_exceptions=True)
+        if self.nvml is not None:
+            self.nvml.close()
         await asyncio.gather(*(pool.health.stop() for pool in self.pools.values()))
         await asyncio.gather(*(process.stop() for process in self.processes))
         for replica in self.all_replicas():

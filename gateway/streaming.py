@@ -26,6 +26,7 @@ from backends.errors import (
     BackendTimeout,
     openai_error_body,
 )
+from gateway.wire import Usage, usage_of
 
 DONE = b"data: [DONE]\n\n"
 
@@ -50,12 +51,21 @@ _encoder = msgspec.json.Encoder()
 class StreamStats:
     """What the relay saw, for logs and metrics: events relayed and whether it completed."""
 
-    __slots__ = ("done", "events", "failed")
+    __slots__ = ("done", "events", "failed", "usage")
 
     def __init__(self) -> None:
         self.events = 0
         self.done = False
         self.failed: str | None = None
+        self.usage: Usage | None = None  # the engine's count, when it sent one
+
+    def tokens(self) -> tuple[int, int]:
+        """``(in, out)``: the engine's usage, or for a stream cut before it, the relayed
+        events less the role and finish chunks (one event per token on vLLM and llama.cpp)
+        and no prompt count."""
+        if self.usage is not None:
+            return self.usage.prompt_tokens, self.usage.completion_tokens
+        return 0, max(0, self.events - 2 - self.done)
 
 
 def error_event(message: str, *, type_: str = "server_error", code: str | None = None) -> bytes:
@@ -79,19 +89,35 @@ class SseReader:
     """Cuts an upstream byte stream into whole-event batches: ``first()`` once (still
     retryable), then ``rest()`` for everything after it."""
 
-    __slots__ = ("_batches", "_buffer", "_chunks", "stats")
+    __slots__ = ("_batches", "_buffer", "_chunks", "_hide_usage", "stats")
 
-    def __init__(self, upstream: UpstreamResponse) -> None:
+    def __init__(self, upstream: UpstreamResponse, *, hide_usage: bool = False) -> None:
         self._chunks = upstream.chunks()
         self._buffer = b""
+        self._hide_usage = hide_usage  # the gateway asked for usage, the client did not
         self.stats = StreamStats()
         self._batches = self._cut()
+
+    def _take_usage(self, events: bytes) -> bytes:
+        kept = []
+        for event in events.split(b"\n\n"):
+            if event.startswith(b"data: {") and b'"usage":{' in event:
+                usage, usage_only = usage_of(event[6:])
+                if usage is not None:
+                    self.stats.usage = usage
+                    if usage_only and self._hide_usage:
+                        self.stats.events -= 1
+                        continue
+            kept.append(event)
+        return b"\n\n".join(kept)
 
     def _inspect(self, events: bytes) -> bytes:
         stats = self.stats
         stats.events += events.count(b"\n\n")
         if b"error:" in events and (events.startswith(b"error:") or b"\nerror:" in events):
             events = _translate_error_fields(events)
+        if b'"usage":{' in events:  # the last chunk or two; null usage never matches
+            events = self._take_usage(events)
         # JSON strings hold no raw newlines, so only a real event can match these
         if events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events:
             stats.done = True
@@ -107,10 +133,14 @@ class SseReader:
                 continue
             cut += 2
             self._buffer = buffer[cut:]
-            yield self._inspect(buffer[:cut])
+            batch = self._inspect(buffer[:cut])
+            if batch:  # empty only when it held nothing but a hidden usage chunk
+                yield batch
         if self._buffer.strip():
             tail, self._buffer = self._buffer, b""
-            yield self._inspect(tail + b"\n\n")
+            batch = self._inspect(tail + b"\n\n")
+            if batch:
+                yield batch
 
     async def first(self) -> bytes:
         """The first batch of whole events; a failure here is still retryable.

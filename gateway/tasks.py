@@ -103,6 +103,8 @@ class _Chunk(msgspec.Struct):
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
+# the engine's usage counts feed tokens_in_total (a task's own stream has no usage event)
+_ASK_FOR_USAGE = {"stream_options": {"include_usage": True}}
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -366,8 +368,10 @@ class TaskBook:
         pool = task.pool
 
         def make_call(replica_id: str) -> UpstreamCall:
-            body = _encoder.encode({**payload, "model": pool.upstream_model[replica_id]})
-            return UpstreamCall(endpoint, body, True, task.id)
+            body = _encoder.encode(
+                {**payload, "model": pool.upstream_model[replica_id], **_ASK_FOR_USAGE}
+            )
+            return UpstreamCall(endpoint, body, True, task.id, hide_usage=True)
 
         committed: Committed = await dispatch(pool, task.priority, make_call, ticket=task.ticket)
         try:
@@ -380,6 +384,10 @@ class TaskBook:
                     break
             task.end()
         finally:
+            usage = committed.reader.stats.usage if committed.reader else None
+            replica = committed.lease.replica
+            replica.tokens_in += usage.prompt_tokens if usage is not None else 0
+            replica.tokens_out += task.tokens_out  # what the task's client received
             await committed.aclose()
 
     @staticmethod

@@ -89,6 +89,43 @@ def with_model(body: bytes, model: str) -> bytes:
     return encoder.encode(decoded)
 
 
+class Usage(msgspec.Struct):
+    """The engine's own token counts (OpenAI ``usage``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _WithUsage(msgspec.Struct):
+    usage: Usage | None = None
+    choices: list[msgspec.Raw] | None = None
+
+
+_usage_decoder = msgspec.json.Decoder(_WithUsage)
+
+
+def usage_of(data: bytes) -> tuple[Usage | None, bool]:
+    """``(usage, usage_only)`` of a response body or one SSE event's JSON; ``usage_only``:
+    the ``include_usage`` chunk (``"choices": []``). Never raises: accounting is best effort.
+    """
+    try:
+        decoded = _usage_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None, False
+    return decoded.usage, decoded.choices == []
+
+
+_ASK_FOR_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def with_stream_usage(body: bytes) -> bytes:
+    """Ask the engine for its final usage chunk (token metrics must not depend on the
+    client asking). Only for bodies without ``stream_options``; the chunk is removed from
+    the client's stream again (``SseReader(hide_usage=True)``)."""
+    start = body.index(b"{") + 1  # the routing view proved it is a non-empty object
+    return body[:start] + _ASK_FOR_USAGE + body[start:]
+
+
 def models_list(names: list[tuple[str, str, str]], created: int) -> bytes:
     """``GET /v1/models``: OpenAI list shape; ``(id, canonical, pool)`` per name."""
     data = [

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 
 from policies.estimates import ServiceRate
@@ -33,6 +33,8 @@ class Priority(enum.StrEnum):
 class AdmissionError(Exception):
     """Base for refusals; ``retry_after_s`` is the caller's best estimate for a retry."""
 
+    reason = "rejected"  # the ``reason`` label of ``tasks_rejected_total``
+
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
@@ -41,17 +43,25 @@ class AdmissionError(Exception):
 class QueueFull(AdmissionError):
     """Every place in the queue is taken."""
 
+    reason = "queue_full"
+
 
 class PoolUnready(AdmissionError):
     """No replica of the pool is ready (starting, loading a model, or down)."""
+
+    reason = "pool_unready"
 
 
 class QueueTimeout(AdmissionError):
     """The request waited longer than the pool's queue timeout."""
 
+    reason = "queue_timeout"
+
 
 class PoolClosed(AdmissionError):
     """The gateway is shutting down: nothing more is admitted, waiters are refused."""
+
+    reason = "shutting_down"
 
 
 class Lease:
@@ -124,6 +134,7 @@ class Ticket:
         except BaseException as exc:
             queue._abandon(self._waiter)
             if isinstance(exc, TimeoutError):
+                queue.rejected[QueueTimeout.reason] += 1
                 raise QueueTimeout(
                     f"waited {queue.queue_timeout_s:g}s in the queue without a free slot",
                     retry_after_s=queue.wait_estimate_s(queue.depth() + 1),
@@ -160,6 +171,7 @@ class AdmissionQueue:
         self._clock = clock
         self._waiting: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
         self.closed: PoolClosed | None = None
+        self.rejected: Counter[str] = Counter()  # refusals by reason, for GET /metrics
 
     # -- observation -------------------------------------------------------------------
     def depth(self, priority: Priority | None = None) -> int:
@@ -201,8 +213,10 @@ class AdmissionQueue:
         was free) or a place in the queue. Raises ``PoolUnready``, ``QueueFull`` or
         ``PoolClosed``."""
         if self.closed is not None:
+            self.rejected[PoolClosed.reason] += 1
             raise self.closed
         if not self.is_ready():
+            self.rejected[PoolUnready.reason] += 1
             raise PoolUnready(
                 "no replica of this pool is ready", retry_after_s=self.unready_retry_s
             )
@@ -212,6 +226,7 @@ class AdmissionQueue:
                 return Ticket(self, lease=self._grant(replica))
         if self.depth() >= self.capacity:
             wait = self.wait_estimate_s(self.depth() + 1)
+            self.rejected[QueueFull.reason] += 1
             raise QueueFull("the pool's queue is full", retry_after_s=wait)
         position = self.position_of(priority)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, avoid)
@@ -249,6 +264,7 @@ class AdmissionQueue:
             while queue:
                 waiter = queue.popleft()
                 if not waiter.future.done():
+                    self.rejected[error.reason] += 1
                     waiter.future.set_exception(error)
 
     # -- internals -----------------------------------------------------------------------

@@ -102,6 +102,7 @@ class Ejector:
         if replica.ejected_until and now - replica.ejected_until > self.max_cooldown_s:
             replica.ejections = 0  # clean for a long while since it came back: forgiven
         replica.ejections += 1
+        replica.ejected_total += 1
         replica.failures = 0
         cooldown = min(self.max_cooldown_s, self.cooldown_s * 2 ** (replica.ejections - 1))
         replica.ejected_until = now + cooldown

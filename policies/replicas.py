@@ -2,13 +2,17 @@
 
 Written by three owners only: the health monitor (``ready``, ``slots``,
 ``engine_version``, ``detail``, the ejection fields), the admission queue (``in_use``)
-and the dispatcher, which resets ``failures`` when a request succeeds. All run on the one
-event loop, so no lock is needed; nothing here awaits.
+the dispatcher, which resets ``failures`` when a request succeeds and counts ``placed``,
+and the relays, which add ``tokens_in``/``tokens_out`` when an exchange ends. All run on
+the one event loop, so no lock is needed; nothing here awaits.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from backends.base import Backend
+from backends.gpu import GpuSample
 
 
 class ReplicaState:
@@ -20,10 +24,16 @@ class ReplicaState:
         "ejected_until",
         "ejections",
         "engine_version",
+        "errors",
+        "ejected_total",
         "failures",
+        "gpu",
         "in_use",
+        "placed",
         "ready",
         "slots",
+        "tokens_in",
+        "tokens_out",
     )
 
     def __init__(self, backend: Backend) -> None:
@@ -36,6 +46,13 @@ class ReplicaState:
         self.failures = 0  # consecutive data-plane failures
         self.ejections = 0  # recent ejections; each one doubles the next cooldown
         self.ejected_until = 0.0  # time.monotonic(); probes cannot restore it before then
+        # counters for GET /metrics, written by the dispatcher and the relays
+        self.placed: Counter[str] = Counter()  # requests placed here, by priority
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.errors: Counter[str] = Counter()  # failed attempts by kind
+        self.ejected_total = 0
+        self.gpu: GpuSample | None = None  # latest NVML sample (replicas with gpu_device)
 
     @property
     def replica_id(self) -> str:

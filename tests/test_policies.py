@@ -8,6 +8,7 @@ from typing import ClassVar
 import pytest
 
 from backends.base import Endpoint
+from backends.gpu import GpuSample
 from policies.admission import AdmissionQueue, PoolUnready, Priority, QueueFull, QueueTimeout
 from policies.estimates import ServiceRate, retry_after_seconds
 from policies.placement import choose_replica
@@ -58,6 +59,33 @@ def test_placement_prefers_most_free_slots_and_avoids_failed() -> None:
     assert choose_replica([a, b, c]) is None
     a.in_use = 3
     assert choose_replica([a, b], avoid={"a"}) is a  # avoided only when there is a choice
+
+
+def gpu(device: int, *, util: int, free_gib: int) -> GpuSample:
+    total = 80 * 1024**3
+    free = free_gib * 1024**3
+    return GpuSample(device, "gpu", util, total - free, free, total)
+
+
+def test_placement_breaks_slot_ties_by_free_vram_then_utilisation() -> None:
+    a, b, c = replica("a", 4), replica("b", 4), replica("c", 4)
+    a.gpu = gpu(0, util=10, free_gib=20)
+    b.gpu = gpu(1, util=90, free_gib=60)
+    c.gpu = gpu(2, util=50, free_gib=60)
+    assert choose_replica([a, b, c]) is c  # most free VRAM; of those, the less busy
+    c.in_use = 1
+    assert choose_replica([a, b, c]) is b  # free slots come first
+    b.in_use = c.in_use = 0
+    a.in_use = 0
+    b.gpu = gpu(1, util=50, free_gib=60)
+    assert choose_replica([a, b, c]) is b  # a full tie: the first configured
+    assert choose_replica([a, b, c], avoid={"b", "c"}) is a
+
+
+def test_placement_without_gpu_telemetry_keeps_configured_order_on_ties() -> None:
+    a, b = replica("a", 4), replica("b", 4)
+    b.gpu = gpu(1, util=0, free_gib=80)  # only one GPU known: no comparison is possible
+    assert choose_replica([a, b]) is a
 
 
 async def test_interactive_before_batch_and_fifo_within_priority() -> None:

@@ -8,11 +8,14 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
 from litestar import Response, get
 
 from backends.base import ReplicaLoad
 from backends.errors import BackendError
 from gateway.errors import NotFound
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
 from gateway.state import GatewayState, PoolRuntime
 from policies.admission import Priority
 from policies.replicas import ReplicaState
@@ -56,6 +59,9 @@ def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, 
         "consecutive_failures": replica.failures,
         "ejections": replica.ejections,
         "ejected_for_s": round(max(0.0, replica.ejected_until - time.monotonic()), 3),
+        "tokens_in": replica.tokens_in,
+        "tokens_out": replica.tokens_out,
+        "gpu": None if replica.gpu is None else msgspec.structs.asdict(replica.gpu),
     }
 
 
@@ -94,4 +100,11 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
             "metrics": metrics,
         }
 
-    return [health, pool_health]
+    metrics_text = Metrics(state)
+
+    @get("/metrics", media_type=METRICS_CONTENT_TYPE)
+    async def metrics() -> bytes:
+        """Prometheus text; unauthenticated like ``/health`` (scrapers rarely send tokens)."""
+        return metrics_text.render()
+
+    return [health, pool_health, metrics]

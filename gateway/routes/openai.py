@@ -44,7 +44,13 @@ from gateway.errors import (
 from gateway.logging import AccessLog, AccessRecord
 from gateway.state import GatewayState, PoolRuntime
 from gateway.streaming import DONE, error_event
-from gateway.wire import RoutingView, parse_routing_view, with_model
+from gateway.wire import (
+    RoutingView,
+    parse_routing_view,
+    usage_of,
+    with_model,
+    with_stream_usage,
+)
 from policies.admission import AdmissionError, Priority, QueueFull
 from policies.retry import RETRY_COUNT_HEADER, client_retry_count
 
@@ -95,6 +101,7 @@ def call_factory(
     model: str | None,
     stream: bool,
     rid: str,
+    hide_usage: bool = False,
 ) -> Callable[[str], UpstreamCall]:
     """Builds the call for whichever replica placement picks: the body goes as it is,
     unless that replica knows the model under another name (an alias was used).
@@ -106,7 +113,7 @@ def call_factory(
         payload = body
         if model is not None and target != model:
             payload = patched.get(target) or patched.setdefault(target, with_model(body, target))
-        return UpstreamCall(endpoint, payload, stream, rid)
+        return UpstreamCall(endpoint, payload, stream, rid, hide_usage)
 
     return make_call
 
@@ -138,6 +145,8 @@ class _Exchange:
         "pool",
         "replica",
         "status",
+        "tokens_in",
+        "tokens_out",
         "watch",
     )
 
@@ -152,6 +161,27 @@ class _Exchange:
         self.first_byte: float | None = None
         self.events: int | None = None
         self.error: str | None = None
+        self.tokens_in: int | None = None
+        self.tokens_out: int | None = None
+
+    async def close(self) -> None:
+        """Stop watching the client, count the tokens, free the upstream and the slot."""
+        if self.watch is not None:
+            self.watch.close()
+        if self.committed is not None:
+            reader = self.committed.reader
+            if reader is not None:  # streams: also those cut short
+                self.count_tokens(*reader.stats.tokens())
+                if reader.stats.failed:
+                    self.committed.lease.replica.errors[reader.stats.failed] += 1
+            await self.committed.aclose()
+
+    def count_tokens(self, tokens_in: int, tokens_out: int) -> None:
+        self.tokens_in, self.tokens_out = tokens_in, tokens_out
+        assert self.committed is not None
+        replica = self.committed.lease.replica
+        replica.tokens_in += tokens_in
+        replica.tokens_out += tokens_out
 
 
 class OpenAIProxy:
@@ -160,6 +190,7 @@ class OpenAIProxy:
         self.auth = auth
         self.log = access_log
         self.max_body = state.config.server.max_body_bytes
+        self.latency = state.latency
 
     def worker_pool(self) -> PoolRuntime:
         """The first pool of ``openvino`` workers: the only engine with the job routes.
@@ -215,10 +246,9 @@ class OpenAIProxy:
             if ex.first_byte is None:
                 await send_error(send, InternalError("internal gateway error"), headers)
         finally:
-            if ex.watch is not None:
-                ex.watch.close()
-            if ex.committed is not None:
-                await ex.committed.aclose()
+            await ex.close()
+            if self.latency and ex.replica is not None:  # [metrics] extended
+                self._observe(ex, started)
             self._log(scope, rid, ex, started)
 
     async def _exchange(
@@ -271,8 +301,11 @@ class OpenAIProxy:
         pool = self.pool_for(model)
         _check_max_tokens(view, pool.config.max_context_tokens)
         stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
+        hide_usage = stream and view.stream_options is None
+        if hide_usage:  # token metrics must not depend on the client asking for usage
+            body = with_stream_usage(body)
         ex.pool, ex.engine = pool.id, pool.engine
-        return pool, priority, call_factory(pool, endpoint, body, model, stream, rid)
+        return pool, priority, call_factory(pool, endpoint, body, model, stream, rid, hide_usage)
 
     async def _whole(
         self,
@@ -288,6 +321,9 @@ class OpenAIProxy:
         upstream = committed.upstream
         await send_bytes(send, upstream.status, body, headers, upstream.content_type.encode())
         ex.status = upstream.status
+        usage, _ = usage_of(body)
+        if usage is not None:
+            ex.count_tokens(usage.prompt_tokens, usage.completion_tokens)
 
     async def _stream(
         self,
@@ -340,6 +376,12 @@ class OpenAIProxy:
             ]
         await send_bytes(send, ex.status, error.encoded_body(), headers + extra)
 
+    def _observe(self, ex: _Exchange, started: float) -> None:
+        latency = self.latency[ex.replica]  # type: ignore[index]
+        if ex.first_byte is not None:
+            latency.ttft.observe(ex.first_byte - started)
+        latency.duration.observe(time.perf_counter() - started)
+
     def _log(self, scope: dict[str, Any], rid: str, ex: _Exchange, started: float) -> None:
         if not self.log.enabled:
             return
@@ -360,6 +402,8 @@ class OpenAIProxy:
                 if ex.first_byte is None
                 else round((ex.first_byte - started) * 1000, 3),
                 events=ex.events,
+                tokens_in=ex.tokens_in,
+                tokens_out=ex.tokens_out,
                 error=ex.error,
             )
         )

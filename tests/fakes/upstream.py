@@ -44,6 +44,9 @@ def chunk(i: int, content: str, *, finish: str | None = None) -> bytes:
     return b"data: " + _encoder.encode(body) + b"\n\n"
 
 
+FAKE_PROMPT_TOKENS = 7  # what the fake's usage reports for every prompt
+
+
 class FakeUpstream:
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
@@ -182,6 +185,9 @@ async def _stream(request: web.Request, body: dict[str, Any], spec: dict[str, An
         return _reset(request)
     if mode in _TRAILERS:
         await response.write(_TRAILERS[mode])
+    elif (body.get("stream_options") or {}).get("include_usage"):  # as vLLM sends it
+        usage = {"prompt_tokens": FAKE_PROMPT_TOKENS, "completion_tokens": chunks}
+        await response.write(b"data: " + _encoder.encode({"choices": [], "usage": usage}) + b"\n\n")
     if mode != "no_done":
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

@@ -1,0 +1,210 @@
+"""``GET /metrics``: Prometheus text, read from the gateway's own state at scrape time.
+
+The request path only bumps plain integers on the replica, pool and queue it already holds
+(``ReplicaState.placed``/``tokens_in``/``tokens_out``, ``AdmissionQueue.rejected``); this
+collector turns them into the Home-profile series, named and labelled exactly as
+SPEC.md lists them. ``[metrics] extended = true`` adds per-backend detail (latency
+histograms, upstream errors by kind, retries, ejections, free VRAM), prefixed
+``orchgate_`` so the required names stay exactly the required ones.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from policies.admission import Priority
+
+if TYPE_CHECKING:
+    from gateway.state import GatewayState, PoolRuntime
+    from policies.replicas import ReplicaState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MODEL_STATES = ("Active", "Retired")
+# seconds: from a fast local replica's TTFT to a long generation
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Histogram:
+    """A fixed-bucket histogram that costs one bisect per observation."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+class ReplicaLatency:
+    """Extended metrics only: time to first byte and whole-request duration."""
+
+    __slots__ = ("duration", "ttft")
+
+    def __init__(self) -> None:
+        self.ttft = Histogram()
+        self.duration = Histogram()
+
+
+def _version(replica: ReplicaState) -> str:
+    return replica.engine_version or "unknown"
+
+
+def _pool_version(pool: PoolRuntime) -> str:
+    for replica in pool.replicas:
+        if replica.engine_version:
+            return replica.engine_version
+    return "unknown"
+
+
+class GatewayCollector(Collector):
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._home_profile()
+        if self.state.config.metrics.extended:
+            yield from self._extended()
+
+    def _home_profile(self) -> Iterator[Metric]:
+        pools = list(self.state.pools.values())
+        replica_labels = ["engine", "engine_version", "pool_id", "replica_id"]
+        depth = GaugeMetricFamily(
+            "queue_depth",
+            "Requests waiting for a slot.",
+            labels=["engine", "engine_version", "pool_id", "priority"],
+        )
+        enqueued = CounterMetricFamily(
+            "tasks_enqueued",
+            "Requests and tasks placed on a replica (both surfaces).",
+            labels=[*replica_labels, "priority"],
+        )
+        rejected = CounterMetricFamily(
+            "tasks_rejected",
+            "Requests and tasks refused by admission.",
+            labels=["engine", "reason"],
+        )
+        tokens_in = CounterMetricFamily(
+            "tokens_in", "Prompt tokens, as the engine counted them.", labels=replica_labels
+        )
+        tokens_out = CounterMetricFamily(
+            "tokens_out", "Generated tokens relayed to clients.", labels=replica_labels
+        )
+        gpu_util = GaugeMetricFamily(
+            "gpu_utilization",
+            "GPU utilisation in percent (NVML).",
+            labels=[*replica_labels, "device"],
+        )
+        vram_used = GaugeMetricFamily(
+            "vram_used_bytes", "GPU memory in use (NVML).", labels=[*replica_labels, "device"]
+        )
+        model_state = GaugeMetricFamily(
+            "model_state", "1 for the model's current state.", labels=["model_id", "state"]
+        )
+        rejections: dict[tuple[str, str], int] = {}
+        for pool in pools:
+            pool_version = _pool_version(pool)
+            for priority in Priority:
+                depth.add_metric(
+                    [pool.engine, pool_version, pool.id, priority.value],
+                    pool.queue.depth(priority),
+                )
+            for reason, count in pool.queue.rejected.items():
+                key = (pool.engine, reason)
+                rejections[key] = rejections.get(key, 0) + count
+            for replica in pool.replicas:
+                labels = [replica.engine, _version(replica), pool.id, replica.replica_id]
+                for priority in Priority:
+                    enqueued.add_metric([*labels, priority.value], replica.placed[priority])
+                tokens_in.add_metric(labels, replica.tokens_in)
+                tokens_out.add_metric(labels, replica.tokens_out)
+                gpu = replica.gpu
+                if gpu is not None:
+                    device = [*labels, str(gpu.device)]
+                    gpu_util.add_metric(device, gpu.utilization_pct)
+                    vram_used.add_metric(device, gpu.vram_used_bytes)
+        for (engine, reason), count in sorted(rejections.items()):
+            rejected.add_metric([engine, reason], count)
+        for model, state in self.state.model_states().items():
+            for name in MODEL_STATES:
+                model_state.add_metric([model, name], 1 if name == state else 0)
+        yield from (depth, enqueued, rejected, tokens_in, tokens_out, gpu_util, vram_used)
+        yield model_state
+
+    def _extended(self) -> Iterator[Metric]:
+        labels = ["pool_id", "replica_id"]
+        ttft = HistogramMetricFamily(
+            "orchgate_time_to_first_byte_seconds",
+            "From the request's arrival to the first byte sent to the client.",
+            labels=labels,
+        )
+        duration = HistogramMetricFamily(
+            "orchgate_request_duration_seconds",
+            "From the request's arrival to its last byte.",
+            labels=labels,
+        )
+        errors = CounterMetricFamily(
+            "orchgate_upstream_errors",
+            "Failed upstream attempts (before the first byte) and broken streams, by kind.",
+            labels=[*labels, "kind"],
+        )
+        retries = CounterMetricFamily(
+            "orchgate_retries", "Retry attempts (before the first byte).", labels=["pool_id"]
+        )
+        ejections = CounterMetricFamily(
+            "orchgate_ejections", "Outlier ejections of a replica.", labels=labels
+        )
+        slots = GaugeMetricFamily(
+            "orchgate_slots_in_use", "Slots held by running requests.", labels=labels
+        )
+        vram_free = GaugeMetricFamily(
+            "orchgate_vram_free_bytes", "Free GPU memory (NVML).", labels=[*labels, "device"]
+        )
+        for pool in self.state.pools.values():
+            retries.add_metric([pool.id], pool.retried)
+            for replica in pool.replicas:
+                ids = [pool.id, replica.replica_id]
+                latency = self.state.latency.get(replica.replica_id)
+                if latency is not None:
+                    ttft.add_metric(ids, latency.ttft.buckets(), latency.ttft.sum)
+                    duration.add_metric(ids, latency.duration.buckets(), latency.duration.sum)
+                for kind, count in sorted(replica.errors.items()):
+                    errors.add_metric([*ids, kind], count)
+                ejections.add_metric(ids, replica.ejected_total)
+                slots.add_metric(ids, replica.in_use)
+                if replica.gpu is not None:
+                    vram_free.add_metric(
+                        [*ids, str(replica.gpu.device)], replica.gpu.vram_free_bytes
+                    )
+        yield from (ttft, duration, errors, retries, ejections, slots, vram_free)
+
+
+class Metrics:
+    """The registry behind ``GET /metrics`` (its own, never prometheus_client's global)."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
