@@ -4,6 +4,7 @@ only; behaviour lives in the modules it wires."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
@@ -27,7 +28,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
 )
-from gateway.logging import AccessLog
+from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
 from gateway.routes.control import control_handlers
 from gateway.routes.openai import OpenAIProxy, request_id
@@ -123,6 +124,7 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
     state = GatewayState(config)
     auth = TokenCheck(config.auth.token)
     access_log = AccessLog(enabled=config.server.access_log, stream=access_log_stream)
+    state.tasks.log = access_log
     proxy = OpenAIProxy(state, auth, access_log)
 
     async def require_token(
@@ -184,10 +186,12 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
         state,
         cors_origins=config.server.cors.allow_origins,
         max_header_bytes=config.server.max_header_bytes,
+        access_log=access_log,
     )
 
 
 _encoder = msgspec.json.Encoder()
+_QUIET_PATHS = frozenset({"/health", "/metrics"})
 
 
 def _header_bytes(scope: Any) -> int:
@@ -211,8 +215,10 @@ class GatewayApp:
         *,
         cors_origins: list[str],
         max_header_bytes: int,
+        access_log: AccessLog,
     ) -> None:
         self.litestar = litestar
+        self.access_log = access_log
         self.state = state
         self.max_header_bytes = max_header_bytes
         self._cors = {origin.encode() for origin in cors_origins}
@@ -222,15 +228,31 @@ class GatewayApp:
             handler = _endpoint_handler(proxy, endpoint)
             for path in _data_plane_paths(endpoint):
                 self._hot[path] = handler
+        self._logs_itself = set(self._hot)  # the proxy writes its own, richer lines
         for path in ("/v1/models", "/models"):
             self._hot[path] = proxy.models
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and _header_bytes(scope) > self.max_header_bytes:
+        if scope["type"] != "http":
+            await self.litestar(scope, receive, send)
+            return
+        if _header_bytes(scope) > self.max_header_bytes:
             # uvicorn's httptools parser sets no limit of its own
             await self._headers_too_large(scope, send)
             return
-        if scope["type"] == "http" and scope["method"] != "OPTIONS":
+        path = scope["path"]
+        if path in self._logs_itself and scope["method"] != "OPTIONS":  # the data plane
+            if self._cors or self._cors_any:
+                send = self._with_cors(scope, send)
+            await self._hot[path](scope, receive, send)
+            return
+        if self.access_log.enabled:
+            await self._logged(scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["method"] != "OPTIONS":
             handler = self._hot.get(scope["path"])
             if handler is not None:
                 if self._cors or self._cors_any:
@@ -238,6 +260,34 @@ class GatewayApp:
                 await handler(scope, receive, send)
                 return
         await self.litestar(scope, receive, send)
+
+    async def _logged(self, scope: Any, receive: Any, send: Any) -> None:
+        """Every route the proxy does not log itself gets a plain access line; successful
+        ``/health`` and ``/metrics`` polls are left out (probes and scrapers would drown
+        the log)."""
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_watch(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._route(scope, receive, send_and_watch)
+        finally:
+            if status >= 400 or scope["path"] not in _QUIET_PATHS:
+                self.access_log.write(
+                    AccessRecord(
+                        ts=time.time(),
+                        method=scope["method"],
+                        path=scope["path"],
+                        status=status,
+                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                        request_id=request_id(scope),
+                    )
+                )
 
     async def _headers_too_large(self, scope: Any, send: Any) -> None:
         error = HeadersTooLarge(

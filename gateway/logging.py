@@ -31,6 +31,23 @@ class AccessRecord(msgspec.Struct, omit_defaults=True):
     error: str | None = None
 
 
+class TaskRecord(msgspec.Struct, omit_defaults=True, tag="task", tag_field="event"):
+    """One line per finished OrchQueue task (its HTTP requests have their own lines)."""
+
+    ts: float
+    task_id: str
+    state: str
+    pool: str
+    engine: str
+    priority: str
+    duration_ms: float
+    replica: str | None = None
+    queue_ms: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int = 0
+    error: str | None = None
+
+
 class AccessLog:
     __slots__ = ("_buffer", "_encoder", "_stream", "enabled")
 
@@ -41,7 +58,7 @@ class AccessLog:
         self._buffer = getattr(self._stream, "buffer", None)
         self._encoder = msgspec.json.Encoder()
 
-    def write(self, record: AccessRecord) -> None:
+    def write(self, record: AccessRecord | TaskRecord) -> None:
         if not self.enabled:
             return
         line = self._encoder.encode(record) + b"\n"

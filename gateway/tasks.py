@@ -35,6 +35,7 @@ from backends.errors import (
 )
 from gateway.config import TasksConfig
 from gateway.dispatch import Committed, dispatch
+from gateway.logging import AccessLog, TaskRecord
 from gateway.streaming import CODE_SHUTDOWN, CODE_TIMEOUT
 from policies.admission import AdmissionError, Priority, Ticket
 
@@ -107,6 +108,25 @@ _chunk_decoder = msgspec.json.Decoder(_Chunk)
 _ASK_FOR_USAGE = {"stream_options": {"include_usage": True}}
 
 
+def _task_record(task: Task) -> TaskRecord:
+    finished = task.finished_at or time.time()
+    started = task.started_at
+    return TaskRecord(
+        ts=finished,
+        task_id=task.id,
+        state=task.state.value,
+        pool=task.pool.id,
+        engine=task.engine,
+        priority=task.priority.value,
+        duration_ms=round((finished - task.created_at) * 1000, 3),
+        replica=task.replica_id,
+        queue_ms=None if started is None else round((started - task.created_at) * 1000, 3),
+        tokens_in=task.tokens_in,
+        tokens_out=task.tokens_out,
+        error=None if task.error is None else str(task.error.get("code")),
+    )
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
 
@@ -124,10 +144,12 @@ class Task:
         "pool",
         "predicted_start_ms",
         "priority",
+        "replica_id",
         "runner",
         "started_at",
         "state",
         "ticket",
+        "tokens_in",
         "tokens_out",
     )
 
@@ -140,6 +162,8 @@ class Task:
         self.state = TaskState.QUEUED
         self.events: list[bytes] = []
         self.tokens_out = 0
+        self.tokens_in: int | None = None
+        self.replica_id: str | None = None
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -279,8 +303,9 @@ class TaskBook:
     """All tasks, by id. Finished tasks are kept for ``retention_s`` and at most
     ``max_finished`` of them, so memory stays bounded under any load."""
 
-    def __init__(self, config: TasksConfig) -> None:
+    def __init__(self, config: TasksConfig, log: AccessLog | None = None) -> None:
         self.config = config
+        self.log = log  # one line per finished task
         self._tasks: dict[str, Task] = {}
         self._finished: OrderedDict[str, float] = OrderedDict()
         self._prefix = os.urandom(6).hex()
@@ -386,7 +411,9 @@ class TaskBook:
         finally:
             usage = committed.reader.stats.usage if committed.reader else None
             replica = committed.lease.replica
-            replica.tokens_in += usage.prompt_tokens if usage is not None else 0
+            task.replica_id = replica.replica_id
+            task.tokens_in = usage.prompt_tokens if usage is not None else None
+            replica.tokens_in += task.tokens_in or 0
             replica.tokens_out += task.tokens_out  # what the task's client received
             await committed.aclose()
 
@@ -419,6 +446,8 @@ class TaskBook:
     def _mark_finished(self, task: Task) -> None:
         if task.finished and task.id not in self._finished:
             self._finished[task.id] = time.monotonic()
+            if self.log is not None and self.log.enabled:
+                self.log.write(_task_record(task))
             self._evict()
 
     def _evict(self) -> None:

@@ -20,9 +20,12 @@ def parse_task_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
-def read_task_events(base_url: str, task_id: str, timeout: float = 20) -> list[tuple[str, Any]]:
+def read_task_events(
+    base_url: str, task_id: str, timeout: float = 20, auth: dict[str, str] | None = None
+) -> list[tuple[str, Any]]:
     """The whole stream of one task; asserts it is served as SSE."""
-    with httpx.stream("GET", f"{base_url}/v1/tasks/{task_id}/stream", timeout=timeout) as r:
+    url = f"{base_url}/v1/tasks/{task_id}/stream"
+    with httpx.stream("GET", url, timeout=timeout, headers=auth) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         return parse_task_events(b"".join(r.iter_bytes()))

@@ -180,7 +180,7 @@ async def _stream(request: web.Request, body: dict[str, Any], spec: dict[str, An
     for i in range(chunks):
         if i or mode != "drip":
             await asyncio.sleep(delay)
-        await response.write(chunk(i, f"t{i} "))
+        await response.write(chunk(i, spec.get("text", f"t{i} ")))
     if mode == "reset_after":
         return _reset(request)
     if mode in _TRAILERS:
