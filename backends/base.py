@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 
@@ -83,6 +83,8 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     total_slots: int | None = None
     engine_version: str | None = None
     detail: str | None = None
+    # accelerator facts the engine reports itself (the NPU worker: device, busy time)
+    accelerator: dict[str, Any] | None = None
 
 
 class UpstreamResponse(Protocol):

@@ -32,4 +32,10 @@ class OpenVINOBackend(OpenAICompatBackend):
             ready=bool(body.get("ok")),
             total_slots=1,
             engine_version=f"openvino-genai ({device})" if device else None,
+            accelerator={
+                "device": device,
+                "busy": body.get("busy"),
+                "busy_time_us": body.get("busy_time_us"),
+                "initial_load_ms": body.get("initial_load_ms"),
+            },
         )

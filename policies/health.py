@@ -49,6 +49,8 @@ def apply_probe(
         replica.slots = info.total_slots
     if info.engine_version:
         replica.engine_version = info.engine_version
+    if info.accelerator is not None:
+        replica.accelerator = info.accelerator
     ejected = replica.ejected_until > (time.monotonic() if now is None else now)
     replica.ready = info.ready and not ejected
     if not ejected:

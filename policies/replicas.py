@@ -10,6 +10,7 @@ the one event loop, so no lock is needed; nothing here awaits.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from backends.base import Backend
 from backends.gpu import GpuSample
@@ -27,6 +28,7 @@ class ReplicaState:
         "errors",
         "ejected_total",
         "failures",
+        "accelerator",
         "gpu",
         "in_use",
         "placed",
@@ -53,6 +55,7 @@ class ReplicaState:
         self.errors: Counter[str] = Counter()  # failed attempts by kind
         self.ejected_total = 0
         self.gpu: GpuSample | None = None  # latest NVML sample (replicas with gpu_device)
+        self.accelerator: dict[str, Any] | None = None  # what the engine reports (NPU worker)
 
     @property
     def replica_id(self) -> str:

@@ -1,18 +1,22 @@
-"""Control plane: ``GET /health`` (liveness + per-pool readiness) and
+"""Control plane: ``GET /health`` (liveness + per-pool readiness),
 ``GET /v1/pools/{id}/health`` (``{live, ready, draining, metrics}`` from each replica's own
-health and load)."""
+health and load), ``GET /metrics`` (Prometheus) and the live status page (``GET /status``,
+its data at ``GET /v1/status``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from importlib import resources
 from typing import Any
 
 import msgspec
 from litestar import Response, get
+from litestar.response import Redirect
 
 from backends.base import ReplicaLoad
 from backends.errors import BackendError
+from gateway import __version__
 from gateway.errors import NotFound
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
@@ -21,6 +25,19 @@ from policies.admission import Priority
 from policies.replicas import ReplicaState
 
 _LOAD_TIMEOUT_S = 1.0
+
+
+_STATUS_PAGE = (resources.files("gateway") / "status.html").read_bytes()
+
+
+async def _pool_detail(pool: PoolRuntime) -> dict[str, Any]:
+    loads = await asyncio.gather(*(_engine_load(r) for r in pool.replicas))
+    detail = pool_summary(pool)
+    detail["queue_depth_by_priority"] = {p.value: pool.queue.depth(p) for p in Priority}
+    detail["replicas"] = [
+        _replica_view(r, load) for r, load in zip(pool.replicas, loads, strict=True)
+    ]
+    return detail
 
 
 def pool_summary(pool: PoolRuntime) -> dict[str, Any]:
@@ -62,6 +79,7 @@ def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, 
         "tokens_in": replica.tokens_in,
         "tokens_out": replica.tokens_out,
         "gpu": None if replica.gpu is None else msgspec.structs.asdict(replica.gpu),
+        "accelerator": replica.accelerator,
     }
 
 
@@ -87,18 +105,43 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
         pool = state.pools.get(pool_id)
         if pool is None:
             raise NotFound(f"no pool {pool_id!r}", param="pool_id")
-        loads = await asyncio.gather(*(_engine_load(r) for r in pool.replicas))
-        metrics = pool_summary(pool)
-        metrics["queue_depth_by_priority"] = {p.value: pool.queue.depth(p) for p in Priority}
-        metrics["replicas"] = [
-            _replica_view(r, load) for r, load in zip(pool.replicas, loads, strict=True)
-        ]
         return {
             "live": True,
             "ready": pool.queue.is_ready() and not state.draining,
             "draining": state.draining,
-            "metrics": metrics,
+            "metrics": await _pool_detail(pool),
         }
+
+    @get("/v1/status", guards=guards)
+    async def status() -> dict[str, Any]:
+        """Everything the status page shows, in one answer."""
+        pools = await asyncio.gather(*(_pool_detail(p) for p in state.pools.values()))
+        for pool_id, detail in zip(state.pools, pools, strict=True):
+            detail["id"] = pool_id
+        models = state.model_states()
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - state.started_at, 1),
+            "ready": all(p["ready"] for p in pools) and not state.draining,
+            "draining": state.draining,
+            "tasks_active": state.tasks.active(),
+            "pools": pools,
+            "models": [
+                {"id": model, "state": models[model], "pool": pool.id}
+                for pool in state.pools.values()
+                for model in [pool.canonical]
+            ],
+        }
+
+    @get("/status", media_type="text/html")
+    async def status_page() -> bytes:
+        """The live status page: a static shell; its data comes from ``/v1/status``
+        (behind the token when one is set)."""
+        return _STATUS_PAGE
+
+    @get("/", status_code=307)
+    async def root() -> Redirect:
+        return Redirect("/status")
 
     metrics_text = Metrics(state)
 
@@ -107,4 +150,4 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
         """Prometheus text; unauthenticated like ``/health`` (scrapers rarely send tokens)."""
         return metrics_text.render()
 
-    return [health, pool_health, metrics]
+    return [health, pool_health, metrics, status, status_page, root]
