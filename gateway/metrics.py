@@ -23,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from policies.admission import Priority
+from policies.admission import PoolClosed, PoolUnready, Priority, QueueFull, QueueTimeout
 
 if TYPE_CHECKING:
     from gateway.state import GatewayState, PoolRuntime
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODEL_STATES = ("Active", "Retired")
+REJECTION_REASONS = tuple(
+    error.reason for error in (QueueFull, PoolUnready, QueueTimeout, PoolClosed)
+)
 # seconds: from a fast local replica's TTFT to a long generation
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -121,7 +124,8 @@ class GatewayCollector(Collector):
         model_state = GaugeMetricFamily(
             "model_state", "1 for the model's current state.", labels=["model_id", "state"]
         )
-        rejections: dict[tuple[str, str], int] = {}
+        # every reason from the start at 0, so rate() and alerts work before the first one
+        rejections = {(p.engine, r): 0 for p in pools for r in REJECTION_REASONS}
         for pool in pools:
             pool_version = _pool_version(pool)
             for priority in Priority:
