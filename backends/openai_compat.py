@@ -57,6 +57,16 @@ class HttpReplicaConfig(Strict, tag_field="engine"):
     gpu_device: Annotated[int, Meta(ge=0)] | None = None
 
 
+def _transport_error(exc: OSError, *, lost: str) -> BackendError:
+    """A transport failure of ``backends.http1`` in the gateway's error taxonomy; ``lost``
+    words a refused or dropped connection."""
+    if isinstance(exc, TimeoutError):  # a limit ran out (UpstreamTimeout) or connect did
+        return BackendTimeout(str(exc) or "upstream timed out")
+    if isinstance(exc, Interrupted):
+        return BackendInterrupted(str(exc))
+    return BackendUnavailable(f"{lost}: {exc}")
+
+
 def replica_root(url: str) -> str:
     """The server root: a trailing ``/`` or ``/v1`` is accepted and never doubled."""
     root = url.rstrip("/")
@@ -67,7 +77,7 @@ def replica_root(url: str) -> str:
 
 class UpstreamStream:
     """``backends.base.UpstreamResponse`` over an ``Http1Response``, with transport errors
-    mapped to ``BackendUnavailable``."""
+    mapped by ``_transport_error`` (timeout, interrupted, connection lost)."""
 
     __slots__ = ("_response", "content_type", "status")
 
@@ -80,22 +90,11 @@ class UpstreamStream:
         try:
             async for data in self._response.chunks():
                 yield data
-        except TimeoutError as exc:  # before OSError: TimeoutError is one
-            raise BackendTimeout(str(exc)) from exc
-        except Interrupted as exc:
-            raise BackendInterrupted(str(exc)) from exc
-        except (ConnectionError, OSError) as exc:
-            raise BackendUnavailable(f"upstream connection lost: {exc}") from exc
+        except OSError as exc:
+            raise _transport_error(exc, lost="upstream connection lost") from exc
 
     async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except TimeoutError as exc:
-            raise BackendTimeout(str(exc)) from exc
-        except Interrupted as exc:
-            raise BackendInterrupted(str(exc)) from exc
-        except (ConnectionError, OSError) as exc:
-            raise BackendUnavailable(f"upstream connection lost: {exc}") from exc
+        return b"".join([chunk async for chunk in self.chunks()])
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -160,14 +159,10 @@ class OpenAICompatBackend:
     async def _request(self, request: bytes, limits: Limits = NO_LIMITS) -> Http1Response:
         try:
             return await self.pool.request(request, limits)
-        except TimeoutError as exc:
-            raise self._tag(BackendTimeout(str(exc) or "upstream timed out")) from exc
-        except Interrupted as exc:
-            raise self._tag(BackendInterrupted(str(exc))) from exc
         except UpstreamClosed as exc:  # connected, then dropped: alive but failing
             raise self._tag(BackendFailed(f"upstream dropped the request: {exc}")) from exc
-        except (ConnectionError, OSError) as exc:
-            raise self._tag(BackendUnavailable(f"upstream unreachable: {exc}")) from exc
+        except OSError as exc:
+            raise self._tag(_transport_error(exc, lost="upstream unreachable")) from exc
 
     # -- data plane ------------------------------------------------------------------
     async def send(self, call: UpstreamCall, limits: Limits = NO_LIMITS) -> UpstreamStream:

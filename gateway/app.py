@@ -32,7 +32,7 @@ from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
 from gateway.routes.control import control_handlers
 from gateway.routes.openai import OpenAIProxy, request_id
-from gateway.routes.tasks import task_router
+from gateway.routes.tasks import task_error_body, task_router
 from gateway.state import GatewayState
 
 log = logging.getLogger("orchgate")
@@ -295,7 +295,7 @@ class GatewayApp:
         )
         body = error.envelope()
         if scope["path"].startswith("/v1/tasks"):  # the task API's own envelope
-            body = {"code": "INVALID_PARAMS", "message": error.message, "engine": None}
+            body = task_error_body(error)
         headers = [(b"x-request-id", request_id(scope).encode()), (b"connection", b"close")]
         await send_bytes(send, error.status, _encoder.encode(body), headers)
 

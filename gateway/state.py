@@ -161,8 +161,8 @@ class GatewayState:
         loop = asyncio.get_running_loop()
         self._grace_ends = loop.time() + grace_s
         log.warning("draining: %s running, %s queued", self._running(), self._queued())
+        retry_after = max(1.0, grace_s)
         for pool in self.pools.values():
-            retry_after = max(1.0, grace_s)
             pool.queue.close(PoolClosed(SHUTDOWN_MESSAGE, retry_after_s=retry_after))
         loop.call_later(grace_s, self.end_grace)
 

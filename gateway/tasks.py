@@ -413,8 +413,8 @@ class TaskBook:
             replica = committed.lease.replica
             task.replica_id = replica.replica_id
             task.tokens_in = usage.prompt_tokens if usage is not None else None
-            replica.tokens_in += task.tokens_in or 0
-            replica.tokens_out += task.tokens_out  # what the task's client received
+            # out: what the task's client received
+            replica.add_tokens(task.tokens_in or 0, task.tokens_out)
             await committed.aclose()
 
     @staticmethod

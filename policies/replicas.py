@@ -57,6 +57,10 @@ class ReplicaState:
         self.gpu: GpuSample | None = None  # latest NVML sample (replicas with gpu_device)
         self.accelerator: dict[str, Any] | None = None  # what the engine reports (NPU worker)
 
+    def add_tokens(self, tokens_in: int, tokens_out: int) -> None:
+        self.tokens_in += tokens_in
+        self.tokens_out += tokens_out
+
     @property
     def replica_id(self) -> str:
         return self.backend.replica_id

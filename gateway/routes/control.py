@@ -127,9 +127,8 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
             "tasks_active": state.tasks.active(),
             "pools": pools,
             "models": [
-                {"id": model, "state": models[model], "pool": pool.id}
+                {"id": pool.canonical, "state": models[pool.canonical], "pool": pool.id}
                 for pool in state.pools.values()
-                for model in [pool.canonical]
             ],
         }
 

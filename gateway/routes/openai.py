@@ -179,9 +179,7 @@ class _Exchange:
     def count_tokens(self, tokens_in: int, tokens_out: int) -> None:
         self.tokens_in, self.tokens_out = tokens_in, tokens_out
         assert self.committed is not None
-        replica = self.committed.lease.replica
-        replica.tokens_in += tokens_in
-        replica.tokens_out += tokens_out
+        self.committed.lease.replica.add_tokens(tokens_in, tokens_out)
 
 
 class OpenAIProxy:

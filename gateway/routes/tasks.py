@@ -53,16 +53,18 @@ def _invalid(message: str, engine: str | None = None) -> TaskError:
 _AUTH_CODES = {401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 
 
+def task_error_body(error: GatewayError) -> dict[str, Any]:
+    """A gateway-level error (auth, routing, limits) in the task API's envelope."""
+    status = error.status
+    code = _AUTH_CODES.get(status, "INVALID_PARAMS" if status < 500 else "INTERNAL")
+    return {"code": code, "message": error.message, "engine": None}
+
+
 def _render(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     if isinstance(exc, TaskError):
         return Response(exc.body, status_code=exc.status, headers=exc.headers)
     if isinstance(exc, GatewayError):
-        code = _AUTH_CODES.get(exc.status, "INVALID_PARAMS" if exc.status < 500 else "INTERNAL")
-        return Response(
-            {"code": code, "message": exc.message, "engine": None},
-            status_code=exc.status,
-            headers=exc.headers,
-        )
+        return Response(task_error_body(exc), status_code=exc.status, headers=exc.headers)
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = _AUTH_CODES.get(status, "INVALID_PARAMS" if status < 500 else "INTERNAL")
     message = str(exc.detail) if isinstance(exc, HTTPException) else "internal gateway error"
