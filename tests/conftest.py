@@ -18,11 +18,10 @@ import pytest
 from gateway.app import create_app
 from gateway.config import Config, config_from_mapping
 from gateway.state import GatewayState
-from tests.fakes.servers import AiohttpThread, UvicornThread
+from tests.fakes.servers import REPO, AiohttpThread, UvicornThread
 from tests.fakes.upstream import FakeUpstream
 from tests.fakes.vllm_sim import VLLMSimulator
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import test_assets  # noqa: E402
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, free_port
-from tests.fakes.servers import wait_until
+from tests.fakes.servers import gateway_process, wait_until
 from tests.prom import scrape, value
 
 STANDIN = REPO / "tests" / "fakes" / "nvml" / "libnvml_standin.c"
@@ -76,30 +75,9 @@ id = "p"
 models = ["m"]
 {replicas}"""
     )
-    log = tmp_path / "gateway.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: _ready(url), timeout=30), log.read_text()
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-    assert b"Traceback" not in log.read_bytes(), log.read_text()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with gateway_process(config, port, env=env) as running:
+        yield running.url
+    assert "Traceback" not in running.log(), running.log()
 
 
 def _placed_on(url: str) -> str:

@@ -6,8 +6,6 @@ and credentials carry a canary string; every byte the process writes is then sea
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,8 @@ import httpx
 import msgspec
 import openai
 
-from tests.conftest import REPO, free_port
-from tests.fakes.servers import wait_until
+from tests.conftest import free_port
+from tests.fakes.servers import gateway_process
 from tests.sse import read_task_events
 
 CANARY = "CANARY-7f3e9a"
@@ -53,16 +51,8 @@ url = "{server.url}"
 slots = 4
 """
     )
-    log_path = tmp_path / "gateway.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--log-level", "debug"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        assert wait_until(lambda: _up(url), timeout=30), log_path.read_text()
+    with gateway_process(config, port, args=["--log-level", "debug"]) as gateway:
         client = openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0)
         messages = [{"role": "user", "content": f"my password is {CANARY}"}]
         client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
@@ -91,11 +81,7 @@ slots = 4
         fake.script.append({"mode": "status", "status": 400})
         refused = {"model": "m", "messages": messages}
         assert httpx.post(chat, headers=auth, json=refused).status_code == 400
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-
-    raw = log_path.read_bytes()
+    raw = gateway.log_path.read_bytes()
     assert CANARY.encode() not in raw, "a prompt, completion or credential reached the logs"
     assert b"Bearer" not in raw
     lines = [msgspec.json.decode(line) for line in raw.splitlines() if line.strip()]
@@ -113,10 +99,3 @@ slots = 4
     assert task_line["tokens_out"] == 3 and task_line["tokens_in"] > 0
     own = [line for line in lines if "logger" in line]
     assert own and all({"ts", "level", "logger", "message"} <= line.keys() for line in own)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

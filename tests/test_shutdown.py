@@ -8,8 +8,6 @@ once with a retriable 503; nothing new is accepted; every upstream connection is
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
-from tests.fakes.servers import wait_until
+from tests.conftest import free_port
+from tests.fakes.servers import gateway_process, wait_until
 from tests.fakes.upstream import FakeUpstream
 from tests.sse import read_task_events
 
@@ -82,18 +80,10 @@ def raw_stream(url: str, body: dict[str, Any]) -> tuple[int, bytes]:
 def test_sigterm_drains_gracefully(fake_upstream: Any, tmp_path: Path) -> None:
     fake: FakeUpstream = fake_upstream[0]
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     config = tmp_path / "orchgate.toml"
     write_config(config, fake_upstream[1].url, port)
-    log = open(tmp_path / "gateway.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        assert wait_until(lambda: _ready(url), timeout=30), (tmp_path / "gateway.log").read_text()
+    with gateway_process(config, port) as gateway:
+        url, process = gateway.url, gateway.process
         short = Recorder(lambda: raw_stream(url, stream_body(8, 0.1)))  # ~0.8 s
         long = Recorder(lambda: raw_stream(url, stream_body(400, 0.05)))  # ~20 s
         task_id = httpx.post(
@@ -142,12 +132,7 @@ def test_sigterm_drains_gracefully(fake_upstream: Any, tmp_path: Path) -> None:
         assert process.returncode in (0, -signal.SIGTERM)
         assert time.monotonic() - sigterm_at < GRACE_S + 3
         assert wait_until(lambda: fake.active == 0, timeout=2)
-        assert b"Traceback" not in (tmp_path / "gateway.log").read_bytes()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+        assert "Traceback" not in gateway.log()
 
 
 def _assert_queued_work_refused_at_once(
@@ -187,13 +172,6 @@ def _assert_running_work_drained(
     names = [name for name, _ in task_events.result]
     assert names[0] == "started" and names[-1] == "error"
     assert task_events.result[-1][1]["code"] == "POOL_UNAVAILABLE"
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _task_stream(url: str, task_id: str) -> list[tuple[str, dict[str, Any]]]:

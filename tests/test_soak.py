@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,8 +21,8 @@ import aiohttp
 import httpx
 import msgspec
 
-from tests.conftest import REPO, free_port
-from tests.fakes.servers import wait_until
+from tests.conftest import free_port
+from tests.fakes.servers import gateway_process, wait_until
 from tests.fakes.upstream import FakeUpstream
 
 CLIENTS = 64
@@ -219,20 +217,12 @@ def test_soak_random_faults_and_disconnects(fake_upstream: Any, tmp_path: Path) 
     random.seed(20261123)
     fake: FakeUpstream = fake_upstream[0]
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     config = tmp_path / "orchgate.toml"
     write_config(config, fake_upstream[1].url, port)
-    log_path = tmp_path / "gateway.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--log-level", "error"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        assert wait_until(lambda: _health(url) is not None, timeout=30), log_path.read_text()
+    with gateway_process(config, port, args=["--log-level", "error"]) as gateway:
+        url = gateway.url
         began = time.monotonic()
-        tally, samples = asyncio.run(soak(url, process.pid))
+        tally, samples = asyncio.run(soak(url, gateway.process.pid))
         ran_s = time.monotonic() - began
         requests = sum(tally.outcomes.values())
         # everything settles: no queue, no slot, no running task, no open upstream request
@@ -255,13 +245,7 @@ def test_soak_random_faults_and_disconnects(fake_upstream: Any, tmp_path: Path) 
         assert not unfinished, unfinished[:10]
         assert requests > DURATION_S * 20, report  # it really ran under load
         assert growth_kib < 4 * 1024, report  # flat: 180 s runs grow ~0.4 MiB after 30 s
-        assert b"Traceback" not in log_path.read_bytes(), log_path.read_text()[-3000:]
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
 
 
 def _health(url: str) -> dict[str, Any] | None:

@@ -7,14 +7,20 @@ observable over real sockets.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class UvicornThread:
@@ -116,3 +122,49 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             return True
         time.sleep(interval)
     return predicate()
+
+
+class GatewayProcess:
+    """A real ``orchgate serve`` process, for tests that need the whole process: signals,
+    its RSS, its environment (``LD_LIBRARY_PATH``) or every byte it writes."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def gateway_process(
+    config: Path, port: int, *, args: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Iterator[GatewayProcess]:
+    """Start ``orchgate serve --config CONFIG`` (listening on ``port``), wait until its
+    ``/health`` is 200, and stop it afterwards unless the test already did. Its output goes
+    to ``gateway.log`` beside the config."""
+    log_path = config.parent / "gateway.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    gateway = GatewayProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        assert wait_until(gateway.ready, timeout=30), gateway.log()
+        yield gateway
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
