@@ -100,6 +100,23 @@ def fake_upstream() -> Iterator[tuple[FakeUpstream, AiohttpThread]]:
 
 
 @pytest.fixture
+def sick_upstream() -> Iterator[tuple[FakeUpstream, AiohttpThread]]:
+    """A replica that passes its health probe but resets every request it gets."""
+    sick = FakeUpstream()
+    sick.reset_posts = True
+    with serve_aiohttp(sick.app) as server:
+        yield sick, server
+
+
+def sick_and_live(sick_url: str, live_url: str) -> list[dict[str, Any]]:
+    """Two replicas; placement tries "sick" first (it has the most free slots)."""
+    return [
+        {"id": "sick", "engine": "openai", "url": sick_url, "slots": 8},
+        {"id": "live", "engine": "openai", "url": live_url, "slots": 1},
+    ]
+
+
+@pytest.fixture
 def vllm_sim() -> Iterator[tuple[VLLMSimulator, AiohttpThread]]:
     sim = VLLMSimulator()
     with serve_aiohttp(sim.app) as server:

@@ -21,9 +21,8 @@ from backends.errors import (
 from policies.admission import AdmissionQueue
 from policies.health import Ejector, counts_as_failure
 from policies.retry import RetryBudget, RetryPolicy, client_retry_count
-from tests.conftest import pool, serve_aiohttp
+from tests.conftest import pool, sick_and_live
 from tests.fakes.servers import wait_until
-from tests.fakes.upstream import FakeUpstream
 from tests.test_fault_matrix import fault_config
 from tests.test_policies import replica as make_replica
 
@@ -99,50 +98,45 @@ def _replica_view(gw: Any, replica_id: str) -> dict[str, Any]:
 
 
 def test_consecutive_failures_eject_for_a_growing_cooldown(
-    fake_upstream: Any, gateway_factory: Any
+    fake_upstream: Any, sick_upstream: Any, gateway_factory: Any
 ) -> None:
     live, live_server = fake_upstream
-    sick = FakeUpstream()
-    sick.reset_posts = True  # passes its health probe, drops every request
-    with serve_aiohttp(sick.app) as sick_server:
-        config = {
-            "pools": [
-                pool(
-                    "p",
-                    ["m"],
-                    [
-                        {"id": "sick", "engine": "openai", "url": sick_server.url, "slots": 8},
-                        {"id": "live", "engine": "openai", "url": live_server.url, "slots": 1},
-                    ],
-                    health_interval_s=0.1,
-                    retry={"attempts": 3, "backoff_base_s": 0.01},
-                    ejection={"consecutive_failures": 2, "cooldown_s": 0.6, "max_cooldown_s": 5},
-                )
-            ]
-        }
-        with gateway_factory(config) as gw:
-            body = {"model": "m", "messages": MSG}
-            # each request fails once on "sick" (most free slots) and is served by "live"
-            for _ in range(2):
-                response = post(gw.url, body)
-                assert response.status_code == 200
-                assert response.headers["x-orchgate-replica"] == "live"
-            view = _replica_view(gw, "sick")
-            assert view["ready"] is False and view["ejections"] == 1
-            assert "ejected for 0.6s after 2 consecutive failures" in view["detail"]
-            # while ejected, requests go straight to the live replica
+    _, sick_server = sick_upstream
+    config = {
+        "pools": [
+            pool(
+                "p",
+                ["m"],
+                sick_and_live(sick_server.url, live_server.url),
+                health_interval_s=0.1,
+                retry={"attempts": 3, "backoff_base_s": 0.01},
+                ejection={"consecutive_failures": 2, "cooldown_s": 0.6, "max_cooldown_s": 5},
+            )
+        ]
+    }
+    with gateway_factory(config) as gw:
+        body = {"model": "m", "messages": MSG}
+        # each request fails once on "sick" (most free slots) and is served by "live"
+        for _ in range(2):
             response = post(gw.url, body)
-            assert response.headers["x-orchgate-attempts"] == "1"
-            # a passing probe after the cooldown brings it back ...
-            assert wait_until(lambda: _replica_view(gw, "sick")["ready"], timeout=2)
-            # ... and the next ejection lasts twice as long
-            for _ in range(2):
-                assert post(gw.url, body).status_code == 200
-            view = _replica_view(gw, "sick")
-            assert view["ejections"] == 2 and "ejected for 1.2s" in view["detail"]
-            ejected_at = time.monotonic()
-            assert wait_until(lambda: _replica_view(gw, "sick")["ready"], timeout=3)
-            assert time.monotonic() - ejected_at >= 1.0
+            assert response.status_code == 200
+            assert response.headers["x-orchgate-replica"] == "live"
+        view = _replica_view(gw, "sick")
+        assert view["ready"] is False and view["ejections"] == 1
+        assert "ejected for 0.6s after 2 consecutive failures" in view["detail"]
+        # while ejected, requests go straight to the live replica
+        response = post(gw.url, body)
+        assert response.headers["x-orchgate-attempts"] == "1"
+        # a passing probe after the cooldown brings it back ...
+        assert wait_until(lambda: _replica_view(gw, "sick")["ready"], timeout=2)
+        # ... and the next ejection lasts twice as long
+        for _ in range(2):
+            assert post(gw.url, body).status_code == 200
+        view = _replica_view(gw, "sick")
+        assert view["ejections"] == 2 and "ejected for 1.2s" in view["detail"]
+        ejected_at = time.monotonic()
+        assert wait_until(lambda: _replica_view(gw, "sick")["ready"], timeout=3)
+        assert time.monotonic() - ejected_at >= 1.0
 
 
 def test_ejection_policy_unit() -> None:

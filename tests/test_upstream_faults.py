@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Gateway, pool, serve_aiohttp
+from tests.conftest import Gateway, pool, sick_and_live
 from tests.fakes.servers import AiohttpThread, wait_until
 from tests.fakes.upstream import FakeUpstream
 
@@ -176,30 +176,19 @@ def test_client_error_is_not_retried(gw: Gateway, fake_upstream: Any) -> None:
     assert response.headers["x-orchgate-attempts"] == "1"
 
 
-def test_failing_replica_fails_over_to_a_live_one(fake_upstream: Any, gateway_factory: Any) -> None:
+def test_failing_replica_fails_over_to_a_live_one(
+    fake_upstream: Any, sick_upstream: Any, gateway_factory: Any
+) -> None:
     fake, server = fake_upstream
-    sick = FakeUpstream()
-    sick.reset_posts = True  # passes its health probe, resets every request
-    with serve_aiohttp(sick.app) as sick_server:
-        cfg = {
-            "pools": [
-                pool(
-                    "p",
-                    ["m"],
-                    [
-                        {"id": "sick", "engine": "openai", "url": sick_server.url, "slots": 8},
-                        {"id": "live", "engine": "openai", "url": server.url, "slots": 1},
-                    ],
-                )
-            ]
-        }
-        with gateway_factory(cfg) as gateway:
-            response = httpx.post(
-                gateway.url + "/v1/chat/completions",
-                json={"model": "m", "messages": MSG},
-                timeout=10,
-            )
-            assert response.status_code == 200
-            assert response.headers["x-orchgate-replica"] == "live"
-            assert response.headers["x-orchgate-attempts"] == "2"
-            assert fake.bodies  # the live replica served it
+    _, sick_server = sick_upstream
+    cfg = {"pools": [pool("p", ["m"], sick_and_live(sick_server.url, server.url))]}
+    with gateway_factory(cfg) as gateway:
+        response = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "m", "messages": MSG},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert response.headers["x-orchgate-replica"] == "live"
+        assert response.headers["x-orchgate-attempts"] == "2"
+        assert fake.bodies  # the live replica served it
