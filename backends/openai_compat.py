@@ -94,7 +94,10 @@ class UpstreamStream:
             raise _transport_error(exc, lost="upstream connection lost") from exc
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        try:
+            return await self._response.read()  # not via chunks(): one generator, not two
+        except OSError as exc:
+            raise _transport_error(exc, lost="upstream connection lost") from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
