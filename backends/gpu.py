@@ -82,3 +82,43 @@ class Nvml:
                 pynvml.nvmlShutdown()
             except pynvml.NVMLError:
                 pass
+
+
+class GpuDevice(msgspec.Struct, frozen=True):
+    """One device as NVML enumerates it (hardware detection)."""
+
+    index: int
+    name: str
+    vram_total_bytes: int
+    vram_free_bytes: int
+
+
+def enumerate_gpus() -> tuple[list[GpuDevice], str | None]:
+    """Every NVIDIA GPU the driver knows, and why there are none when there are none.
+    Opens and closes its own NVML session; never raises."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return [], f"no NVIDIA driver: {exc}"
+    try:
+        devices = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            devices.append(
+                GpuDevice(
+                    index=index,
+                    name=name if isinstance(name, str) else name.decode(),
+                    vram_total_bytes=int(memory.total),
+                    vram_free_bytes=int(memory.free),
+                )
+            )
+        return devices, None
+    except pynvml.NVMLError as exc:
+        return [], f"NVML failed: {exc}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass

@@ -3,7 +3,9 @@
 The child runs in its own session (its process group is signalled as a whole) and, on
 Linux, gets SIGTERM if the gateway itself dies, so no orphan outlives the gateway. Exits
 are restarted with exponential backoff (1 s doubling to 30 s, reset after a minute of
-uptime); readiness is left to the health probes.
+uptime); readiness is left to the health probes. The child's output is passed through to
+the gateway's stderr as it comes, and its last lines are kept: a reload that fails
+because a replica would not start answers with them (``llama_model_load: failed ...``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 
 log = logging.getLogger("orchgate.process")
 
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
+TAIL_LINES = 20
 
 
 def _die_with_parent() -> None:  # runs in the child, between fork and exec
@@ -42,6 +46,8 @@ class ManagedProcess:
         self.restarts = 0
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)  # the child's last output lines
 
     @property
     def pid(self) -> int | None:
@@ -56,9 +62,34 @@ class ManagedProcess:
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+        assert self.process.stdout is not None
+        self._relay = asyncio.create_task(
+            self._pass_through(self.process.stdout), name=f"output:{self.name}"
+        )
+
+    async def _pass_through(self, output: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await output.readline()
+            except ValueError:  # a line over the stream limit: take what is there
+                line = await output.read(65536)
+            if not line:
+                return
+            text = line.decode(errors="replace")
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except (OSError, ValueError):  # stderr closed: keep draining the pipe
+                pass
+            self.tail.append(text.rstrip())
+
+    def last_output(self, lines: int = 5) -> str:
+        return " | ".join(list(self.tail)[-lines:])
 
     async def _supervise(self) -> None:
         backoff = 1.0
@@ -66,6 +97,8 @@ class ManagedProcess:
             assert self.process is not None
             started = time.monotonic()
             code = await self.process.wait()
+            if self._relay is not None:
+                await asyncio.wait({self._relay}, timeout=1.0)  # the last lines, for on_exit
             if self._stopping:
                 return
             log.warning(
@@ -90,14 +123,16 @@ class ManagedProcess:
         if self._supervisor is not None:
             self._supervisor.cancel()
         process = self.process
-        if process is None or process.returncode is not None:
-            return
-        self._signal(process.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            self._signal(process.pid, signal.SIGKILL)
-            await process.wait()
+        if process is not None and process.returncode is None:
+            self._signal(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                self._signal(process.pid, signal.SIGKILL)
+                await process.wait()
+        if self._relay is not None:
+            await asyncio.wait({self._relay}, timeout=1.0)
+            self._relay.cancel()
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:

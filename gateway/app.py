@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
@@ -28,12 +29,16 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from gateway.lifecycle import Lifecycle
 from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
 from gateway.routes.control import control_handlers
+from gateway.routes.lifecycle import lifecycle_handlers
 from gateway.routes.openai import OpenAIProxy, request_id
 from gateway.routes.tasks import task_error_body, task_router
 from gateway.state import GatewayState
+from gateway.webhooks import Webhooks
+from policies.reservation import ReservationBook
 
 log = logging.getLogger("orchgate")
 
@@ -120,12 +125,26 @@ def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
     ]
 
 
-def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> GatewayApp:
+def create_app(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    access_log_stream: TextIO | None = None,
+) -> GatewayApp:
+    """``config_path``: the file ``config`` came from, re-read by reloads (SIGHUP too)."""
     state = GatewayState(config)
     auth = TokenCheck(config.auth.token)
     access_log = AccessLog(enabled=config.server.access_log, stream=access_log_stream)
     state.tasks.log = access_log
     proxy = OpenAIProxy(state, auth, access_log)
+    webhooks = Webhooks(config.webhooks)
+    lifecycle = Lifecycle(
+        state,
+        auth=auth,
+        webhooks=webhooks,
+        reservations=ReservationBook(),
+        config_path=config_path,
+    )
 
     async def require_token(
         connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
@@ -140,13 +159,20 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
         try:
             yield
         finally:
+            await lifecycle.aclose()
             await state.stop()
+            await webhooks.aclose()
 
-    openapi_body = msgspec.json.encode(build_openapi(config))
+    openapi_cache: dict[int, bytes] = {}
 
     @get("/openapi.json", media_type="application/json")
     async def openapi() -> bytes:
-        return openapi_body
+        # model names and pools change with reloads: rebuilt once per running config
+        key = id(state.config)
+        if key not in openapi_cache:
+            openapi_cache.clear()
+            openapi_cache[key] = msgspec.json.encode(build_openapi(state.config))
+        return openapi_cache[key]
 
     cors = None
     if config.server.cors.allow_origins:
@@ -162,7 +188,8 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
     app = Litestar(
         route_handlers=[
             *_openai_routes(proxy),
-            *control_handlers(state, guards=[require_token]),
+            *control_handlers(state, lifecycle, guards=[require_token]),
+            *lifecycle_handlers(lifecycle, guards=[require_token]),
             task_router(state, state.tasks, guards=[require_token]),
             openapi,
         ],
@@ -184,6 +211,7 @@ def create_app(config: Config, *, access_log_stream: TextIO | None = None) -> Ga
         app,
         proxy,
         state,
+        lifecycle,
         cors_origins=config.server.cors.allow_origins,
         max_header_bytes=config.server.max_header_bytes,
         access_log=access_log,
@@ -212,6 +240,7 @@ class GatewayApp:
         litestar: Litestar,
         proxy: OpenAIProxy,
         state: GatewayState,
+        lifecycle: Lifecycle,
         *,
         cors_origins: list[str],
         max_header_bytes: int,
@@ -220,6 +249,7 @@ class GatewayApp:
         self.litestar = litestar
         self.access_log = access_log
         self.state = state
+        self.lifecycle = lifecycle
         self.max_header_bytes = max_header_bytes
         self._cors = {origin.encode() for origin in cors_origins}
         self._cors_any = "*" in cors_origins

@@ -16,6 +16,10 @@ class TokenCheck:
     __slots__ = ("_digest",)
 
     def __init__(self, token: str | None) -> None:
+        self.set_token(token)
+
+    def set_token(self, token: str | None) -> None:
+        """A reloaded config's token applies to the next request."""
         self._digest = hashlib.sha256(token.encode()).digest() if token else None
 
     @property

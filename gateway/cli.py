@@ -1,9 +1,11 @@
-"""The ``orchgate`` command: ``serve``, ``check-config`` and ``npu-worker``."""
+"""The ``orchgate`` command: ``serve``, ``check-config``, ``hw``, ``fit`` and ``npu-worker``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
 
@@ -20,7 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("orchgate: the config defines no [[pools]]; nothing to serve", file=sys.stderr)
         return 2
     configure_logging(args.log_level.upper())
-    app = create_app(config)
+    app = create_app(config, config_path=Path(args.config) if args.config else None)
     serve(
         app,
         host=config.host,
@@ -93,6 +95,94 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hw(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from backends.hardware import HardwareConfig, describe, detect
+
+    override = HardwareConfig()
+    if args.config:
+        config = _load(args.config)
+        if config is None:
+            return 2
+        override = config.hardware
+    profile = detect(override)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(profile)).decode())
+    else:
+        print(describe(profile))
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from backends.hardware import GIB, detect
+    from backends.model_file import ModelFileError, read_model
+    from policies.fit import estimate
+
+    try:
+        shape = read_model(args.model)
+    except ModelFileError as exc:
+        print(f"orchgate fit: {exc}", file=sys.stderr)
+        return 2
+    profile = detect(_load(args.config).hardware if args.config else None)  # type: ignore[union-attr]
+    device = args.device or ("cuda" if profile.gpus else "cpu")
+    fit = estimate(
+        shape,
+        context_tokens=args.context,
+        parallel=args.parallel,
+        kv_type=args.kv_type,
+        device=device,
+    )
+    if device == "cuda":
+        targets = [
+            (f"GPU {g.index} {g.name}", g.vram_free_bytes or g.vram_total_bytes)
+            for g in profile.gpus
+        ]
+    else:
+        ram = profile.cpu.ram_available_bytes or profile.cpu.ram_total_bytes
+        targets = [("RAM", ram)] if ram else []
+    verdicts = [
+        {"target": name, "free_bytes": free, "fits": fit.total_bytes <= free}
+        for name, free in targets
+    ]
+    if args.json:
+        report = {
+            **fit.breakdown(),
+            "bits_per_weight": round(shape.bits_per_weight, 2),
+            "on": verdicts,
+        }
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    else:
+        print(_fit_table(shape, fit))
+        for v in verdicts:
+            free = v["free_bytes"] / GIB  # type: ignore[operator]
+            print(
+                f"  {'fits' if v['fits'] else 'does NOT fit'} on {v['target']}"
+                f" ({free:.1f} GiB free)"
+            )
+    return 0 if all(v["fits"] for v in verdicts) else 1
+
+
+def _fit_table(shape: Any, fit: Any) -> str:
+    def mib(n: int) -> str:
+        return f"{n / 2**20:10,.1f} MiB"
+
+    return "\n".join(
+        [
+            f"{shape.name or shape.path} ({shape.architecture}, {shape.source})",
+            f"  weights   {mib(fit.weights_bytes)}  {shape.params / 1e6:,.0f}M params, "
+            f"{shape.quant}, {shape.bits_per_weight:.2f} bits/weight",
+            f"  KV cache  {mib(fit.kv_cache_bytes)}  {fit.context_tokens} tokens x "
+            f"{shape.layers} layers x {shape.kv_heads} KV heads, {fit.kv_type}",
+            f"  compute   {mib(fit.compute_bytes)}  one micro-batch + logits",
+            f"  runtime   {mib(fit.runtime_bytes)}  {fit.device}",
+            f"  total     {mib(fit.total_bytes)}",
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", help="path to orchgate.toml")
     check.set_defaults(func=_check_config)
+    hw = sub.add_parser("hw", help="detect GPUs, NPU, CPU and RAM")
+    hw.add_argument("--config", "-c", help="apply this config's [hardware] overrides")
+    hw.add_argument("--json", action="store_true", help="print JSON")
+    hw.set_defaults(func=_hw)
+    fit = sub.add_parser(
+        "fit", help="estimate a model's memory (exit 1 when it fits nowhere detected)"
+    )
+    fit.add_argument("model", help="a .gguf file, a config.json, or a directory with one")
+    fit.add_argument("--context", type=int, help="KV cache tokens (default: trained context)")
+    fit.add_argument("--parallel", type=int, default=1, help="sequences (llama.cpp -np)")
+    fit.add_argument("--kv-type", default="f16", help="KV cache type (f16, q8_0, q4_0, ...)")
+    fit.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if a GPU is found")
+    fit.add_argument("--config", "-c", help="apply this config's [hardware] overrides")
+    fit.add_argument("--json", action="store_true", help="print JSON")
+    fit.set_defaults(func=_fit)
     worker = sub.add_parser("npu-worker", help="run the bounded OpenVINO GenAI worker")
     from backends.npu_worker.cli import add_arguments, run
 

@@ -12,12 +12,13 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
 from backends.base import Strict
+from backends.hardware import HardwareConfig
 from backends.registry import ReplicaConfig
 
 TOKEN_ENV = "ORCHGATE_API_TOKEN"
@@ -82,10 +83,25 @@ class EjectionConfig(Strict):
     max_cooldown_s: Annotated[float, Meta(gt=0)] = 300.0
 
 
+Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+ModelNames = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+Replicas = Annotated[list[ReplicaConfig], Meta(min_length=1)]
+
+
+class PoolVariant(Strict):
+    """A named alternative setting of a pool -- another model, other launch settings -- that
+    ``POST /v1/pools/{id}/reload`` (and the status page's swap control) can switch to."""
+
+    id: Identifier
+    replicas: Replicas
+    models: ModelNames | None = None  # default: the pool's own ``models``
+    max_context_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+
 class PoolConfig(Strict):
-    id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    models: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
-    replicas: Annotated[list[ReplicaConfig], Meta(min_length=1)]
+    id: Identifier
+    models: ModelNames
+    replicas: Replicas
     queue_capacity: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
     queue_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
     health_interval_s: Annotated[float, Meta(gt=0)] = 5.0
@@ -93,6 +109,9 @@ class PoolConfig(Strict):
     retry: RetryConfig = RetryConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
     ejection: EjectionConfig = EjectionConfig()
+    # a reload's new replica set must be healthy and answer a warm-up request within this
+    reload_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    variants: list[PoolVariant] = []
 
 
 class TasksConfig(Strict):
@@ -113,11 +132,30 @@ class MetricsConfig(Strict):
     gpu_interval_s: Annotated[float, Meta(gt=0)] = 2.0
 
 
+WebhookEvent = Literal["swap_complete", "swap_failed"]
+
+
+class WebhookConfig(Strict):
+    """A receiver of lifecycle events, POSTed as JSON and signed with HMAC-SHA256
+    (``gateway.webhooks``). The secret is given inline or, better, through ``secret_env``."""
+
+    url: Annotated[str, Meta(pattern=r"^https?://")]
+    secret: Annotated[str, Meta(min_length=16)] | None = None
+    secret_env: str | None = None
+    events: list[WebhookEvent] = msgspec.field(
+        default_factory=lambda: ["swap_complete", "swap_failed"]
+    )
+    timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    max_attempts: Annotated[int, Meta(ge=1, le=20)] = 5
+
+
 class Config(Strict):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     tasks: TasksConfig = TasksConfig()
     metrics: MetricsConfig = MetricsConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    webhooks: list[WebhookConfig] = []
     pools: list[PoolConfig] = []
 
     @property
@@ -148,7 +186,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check(config: Config) -> None:
+def validate(config: Config) -> None:
+    """The cross-field rules; raises ``ConfigError``. Also run on every reload's result."""
     host, _ = split_bind(config.server.bind)
     if not is_loopback(host) and not config.auth.token:
         raise ConfigError(
@@ -173,6 +212,28 @@ def _check(config: Config) -> None:
                     f"pools[{i}].replicas[{j}].id: duplicate replica id {replica.id!r}"
                 )
             replica_ids.add(replica.id)
+        _check_variants(pool, f"pools[{i}]")
+    for i, hook in enumerate(config.webhooks):
+        if (hook.secret is None) == (hook.secret_env is None):
+            raise ConfigError(f"webhooks[{i}]: set exactly one of secret and secret_env")
+
+
+def _check_variants(pool: PoolConfig, where: str) -> None:
+    ids = {"default"}
+    for k, variant in enumerate(pool.variants):
+        if variant.id in ids:
+            raise ConfigError(
+                f"{where}.variants[{k}].id: {variant.id!r} is taken ('default' is the pool's "
+                "own setting)"
+            )
+        ids.add(variant.id)
+        seen: set[str] = set()
+        for j, replica in enumerate(variant.replicas):
+            if replica.id in seen:
+                raise ConfigError(
+                    f"{where}.variants[{k}].replicas[{j}].id: duplicate replica id {replica.id!r}"
+                )
+            seen.add(replica.id)
 
 
 def parse_config(
@@ -189,7 +250,7 @@ def parse_config(
     if token:
         config = msgspec.structs.replace(config, auth=AuthConfig(token=token))
     try:
-        _check(config)
+        validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
@@ -204,7 +265,7 @@ def config_from_mapping(data: dict[str, object], *, env: dict[str, str] | None =
     token = (os.environ if env is None else env).get(TOKEN_ENV)
     if token:
         config = msgspec.structs.replace(config, auth=AuthConfig(token=token))
-    _check(config)
+    validate(config)
     return config
 
 

@@ -24,15 +24,21 @@ class GatewayError(Exception):
     code: ClassVar[str | None] = None
 
     def __init__(
-        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self.extra = extra  # control plane: details beside the envelope (a fit breakdown)
 
     def envelope(self) -> dict[str, Any]:
-        return {
+        envelope: dict[str, Any] = {
             "error": {
                 "message": self.message,
                 "type": self.type,
@@ -40,6 +46,9 @@ class GatewayError(Exception):
                 "code": self.code,
             }
         }
+        if self.extra:
+            envelope.update(self.extra)
+        return envelope
 
 
 class InvalidRequest(GatewayError):
@@ -78,6 +87,34 @@ class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class InvalidConfigError(GatewayError):
+    """A config (file or reload body) that must not be applied; nothing was changed."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "invalid_config"
+
+
+class LockedError(GatewayError):
+    status = 423
+    type = "invalid_request_error"
+    code = "pool_reserved"
+
+
+class ReloadFailedError(GatewayError):
+    """The new replica set did not come up; it was stopped and the old one kept serving."""
+
+    status = 502
+    type = "server_error"
+    code = "reload_failed"
 
 
 class BodyTooLarge(GatewayError):

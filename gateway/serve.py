@@ -1,5 +1,7 @@
 """The gateway process: uvicorn with a graceful, signal-driven drain.
 
+SIGHUP re-reads the config file (``gateway.lifecycle``).
+
 On SIGTERM (or the first Ctrl-C) the gateway stops admitting at once: uvicorn closes the
 listening socket and keep-alive connections, every queued request and queued task is
 refused with a retriable 503, and what is running gets ``server.shutdown_grace_s`` to
@@ -12,11 +14,16 @@ backstop a few seconds later.
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 from types import FrameType
 
 import uvicorn
 
 from gateway.app import GatewayApp
+from gateway.errors import GatewayError
+
+log = logging.getLogger("orchgate")
 
 _BACKSTOP_S = 5.0
 
@@ -30,7 +37,26 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGHUP, self._reload_config)
+        self._reloads: set[asyncio.Task[None]] = set()
         await super().serve(sockets)
+
+    def _reload_config(self) -> None:
+        """SIGHUP: re-read the config file, exactly as ``POST /v1/config/reload`` does."""
+        task = asyncio.ensure_future(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        log.info("SIGHUP: reloading the config file")
+        try:
+            result = await self.gateway.lifecycle.reload_config(trigger="sighup")
+        except GatewayError as error:
+            log.error("SIGHUP: config reload failed: %s", error.message)
+        except Exception:
+            log.exception("SIGHUP: config reload failed")
+        else:
+            log.info("SIGHUP: config reloaded: %s", result["pools"])
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit and self._loop is not None:

@@ -34,15 +34,18 @@ class PoolRuntime:
         "config",
         "health",
         "id",
+        "processes",
         "queue",
         "replicas",
         "retried",
         "retry",
         "upstream_model",
+        "variant",
     )
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, variant: str = "default") -> None:
         self.config = config
+        self.variant = variant  # which of the pool's settings runs: "default" or a variant id
         self.id = config.id
         self.canonical = config.models[0]
         self.replicas = [ReplicaState(build_backend(r)) for r in config.replicas]
@@ -73,6 +76,40 @@ class PoolRuntime:
         )
         self.upstream_model = {r.id: r.upstream_model or self.canonical for r in config.replicas}
         self.retried = 0  # retry attempts made, for GET /metrics
+        self.processes: list[ManagedProcess] = []
+
+    async def start(self, on_exit: Callable[[ReplicaState, int], None] | None = None) -> None:
+        """Open the replicas' clients, launch the managed ones, start health probes.
+        ``on_exit`` hears of a managed process that exits (a reload fails fast on it)."""
+        for replica in self.replicas:
+            await replica.backend.start()
+            argv = replica.backend.launch_argv
+            if argv is not None:
+                process = ManagedProcess(
+                    replica.replica_id, argv, on_exit=self._on_exit(replica, on_exit)
+                )
+                self.processes.append(process)
+                await process.start()
+        await self.health.start()
+
+    def _on_exit(
+        self, replica: ReplicaState, also: Callable[[ReplicaState, int], None] | None
+    ) -> Callable[[int], None]:
+        def on_exit(code: int) -> None:
+            mark_unreachable(replica, self.queue, f"managed process exited with {code}")
+            if also is not None:
+                also(replica, code)
+
+        return on_exit
+
+    async def stop(self) -> None:
+        await self.health.stop()
+        await asyncio.gather(*(process.stop() for process in self.processes))
+        for replica in self.replicas:
+            await replica.backend.aclose()
+
+    def idle(self) -> bool:
+        return self.queue.depth() == 0 and self.queue.in_use() == 0
 
     def in_flight(self) -> int:
         """Requests holding a slot or waiting for one."""
@@ -90,10 +127,11 @@ class GatewayState:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pools = {p.id: PoolRuntime(p) for p in config.pools}
-        self.models = ModelIndex((p.id, p.models) for p in config.pools)
+        # pools a reload replaced: no new requests, finishing what they hold (gateway.lifecycle)
+        self.retiring: list[PoolRuntime] = []
+        self.retired_models: dict[str, float] = {}  # model id -> when it stopped being served
         self.started_at = int(time.time())
         self.tasks = TaskBook(config.tasks)
-        self.processes: list[ManagedProcess] = []
         self.draining = False
         self._grace_ends: float | None = None
         # extended metrics only: per-replica latency histograms
@@ -104,21 +142,30 @@ class GatewayState:
         )
         self.nvml: Nvml | None = None
         self._gpu_poller: asyncio.Task[None] | None = None
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild the model routing table and ``/v1/models`` from the pools (start, reload)."""
+        configs = [pool.config for pool in self.pools.values()]
+        self.models = ModelIndex((p.id, p.models) for p in configs)
         self.models_body = models_list(
-            [(name, p.models[0], p.id) for p in config.pools for name in p.models],
-            self.started_at,
+            [(name, p.models[0], p.id) for p in configs for name in p.models], self.started_at
         )
 
     def all_replicas(self) -> list[ReplicaState]:
         return [r for pool in self.pools.values() for r in pool.replicas]
 
     def model_states(self) -> dict[str, str]:
-        """``model_state``: every served model is ``Active`` (reloads retire models)."""
-        return {pool.canonical: "Active" for pool in self.pools.values()}
+        """``model_state``: the models pools serve are ``Active``; those a reload replaced
+        are ``Retired`` (until a later reload brings them back)."""
+        states = dict.fromkeys(self.retired_models, "Retired")
+        states.update((pool.canonical, "Active") for pool in self.pools.values())
+        return states
 
     async def _poll_gpus(self, nvml: Nvml, interval_s: float) -> None:
-        on_gpu = [r for r in self.all_replicas() if r.backend.gpu_device is not None]
         while True:
+            # re-read each round: a reload changes the replica set
+            on_gpu = [r for r in self.all_replicas() if r.backend.gpu_device is not None]
             samples = await nvml.sample_all_async(r.backend.gpu_device for r in on_gpu)  # type: ignore[misc]
             for replica in on_gpu:
                 replica.gpu = samples.get(replica.backend.gpu_device)  # type: ignore[arg-type]
@@ -126,30 +173,22 @@ class GatewayState:
 
     async def start(self) -> None:
         for pool in self.pools.values():
-            for replica in pool.replicas:
-                await replica.backend.start()
-                argv = replica.backend.launch_argv
-                if argv is not None:
-                    process = ManagedProcess(
-                        replica.replica_id, argv, on_exit=self._on_exit(pool, replica)
-                    )
-                    self.processes.append(process)
-                    await process.start()
-        await asyncio.gather(*(pool.health.start() for pool in self.pools.values()))
-        if any(r.backend.gpu_device is not None for r in self.all_replicas()):
-            self.nvml = await asyncio.to_thread(Nvml)
-            if self.nvml.available:
-                self._gpu_poller = asyncio.create_task(
-                    self._poll_gpus(self.nvml, self.config.metrics.gpu_interval_s),
-                    name="gpu-telemetry",
-                )
+            await pool.start()
+        await self.ensure_gpu_telemetry()
 
-    @staticmethod
-    def _on_exit(pool: PoolRuntime, replica: ReplicaState) -> Callable[[int], None]:
-        def on_exit(code: int) -> None:
-            mark_unreachable(replica, pool.queue, f"managed process exited with {code}")
-
-        return on_exit
+    async def ensure_gpu_telemetry(self) -> None:
+        """Start NVML sampling once any replica names a ``gpu_device`` (at start, or when
+        a reload brings one)."""
+        if self.nvml is not None or not any(
+            r.backend.gpu_device is not None for r in self.all_replicas()
+        ):
+            return
+        self.nvml = await asyncio.to_thread(Nvml)
+        if self.nvml.available:
+            self._gpu_poller = asyncio.create_task(
+                self._poll_gpus(self.nvml, self.config.metrics.gpu_interval_s),
+                name="gpu-telemetry",
+            )
 
     def begin_drain(self, grace_s: float) -> None:
         """Graceful shutdown, step one (on SIGTERM): admit nothing more, refuse everything
@@ -162,7 +201,7 @@ class GatewayState:
         self._grace_ends = loop.time() + grace_s
         log.warning("draining: %s running, %s queued", self._running(), self._queued())
         retry_after = max(1.0, grace_s)
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self.retiring]:
             pool.queue.close(PoolClosed(SHUTDOWN_MESSAGE, retry_after_s=retry_after))
         loop.call_later(grace_s, self.end_grace)
 
@@ -172,11 +211,12 @@ class GatewayState:
         running = self._running()
         if running:
             log.warning("grace period over: ending %s running requests", running)
-        for replica in self.all_replicas():
-            replica.backend.interrupt(SHUTDOWN_MESSAGE)
+        for pool in [*self.pools.values(), *self.retiring]:
+            for replica in pool.replicas:
+                replica.backend.interrupt(SHUTDOWN_MESSAGE)
 
     def _running(self) -> int:
-        return sum(pool.queue.in_use() for pool in self.pools.values())
+        return sum(pool.queue.in_use() for pool in [*self.pools.values(), *self.retiring])
 
     def _queued(self) -> int:
         return sum(pool.queue.depth() for pool in self.pools.values())
@@ -192,7 +232,5 @@ class GatewayState:
             await asyncio.gather(self._gpu_poller, return_exceptions=True)
         if self.nvml is not None:
             self.nvml.close()
-        await asyncio.gather(*(pool.health.stop() for pool in self.pools.values()))
-        await asyncio.gather(*(process.stop() for process in self.processes))
-        for replica in self.all_replicas():
-            await replica.backend.aclose()
+        pools = [*self.pools.values(), *self.retiring]
+        await asyncio.gather(*(pool.stop() for pool in pools))

@@ -64,11 +64,15 @@ class ChatUser(HttpUser):
                 response.failure(f"HTTP {response.status_code}")
                 return
             last = b""
-            for line in response.iter_lines():
-                if line.startswith(b"data: ") and first is None:
-                    first = time.perf_counter()
-                if line:
-                    last = line
+            try:
+                for line in response.iter_lines():
+                    if line.startswith(b"data: ") and first is None:
+                        first = time.perf_counter()
+                    if line:
+                        last = line
+            except Exception as exc:  # a broken stream is a failure in the report, not lost
+                response.failure(f"stream broke: {exc!r}")
+                return
             if last != b"data: [DONE]":
                 response.failure(f"stream ended without [DONE]: {last[:80]!r}")
             elif b'"error"' in last:
@@ -105,9 +109,13 @@ class TaskUser(HttpUser):
             stream=True, catch_response=True,
         ) as response:  # fmt: skip
             last_event = None
-            for line in response.iter_lines():
-                if line.startswith(b"event: "):
-                    last_event = line[7:].decode()
+            try:
+                for line in response.iter_lines():
+                    if line.startswith(b"event: "):
+                        last_event = line[7:].decode()
+            except Exception as exc:  # a broken stream is a failure in the report, not lost
+                response.failure(f"stream broke: {exc!r}")
+                return
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
             elif last_event != "end":

@@ -10,10 +10,29 @@ the one event loop, so no lock is needed; nothing here awaits.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 from backends.base import Backend
 from backends.gpu import GpuSample
+
+
+class Counters(NamedTuple):
+    """The monotonic counters of one replica, as ``GET /metrics`` exports them."""
+
+    tokens_in: int
+    tokens_out: int
+    placed: Counter[str]
+    errors: Counter[str]
+    ejected_total: int
+
+    def since(self, earlier: Counters) -> Counters:
+        return Counters(
+            self.tokens_in - earlier.tokens_in,
+            self.tokens_out - earlier.tokens_out,
+            self.placed - earlier.placed,
+            self.errors - earlier.errors,
+            self.ejected_total - earlier.ejected_total,
+        )
 
 
 class ReplicaState:
@@ -56,6 +75,21 @@ class ReplicaState:
         self.ejected_total = 0
         self.gpu: GpuSample | None = None  # latest NVML sample (replicas with gpu_device)
         self.accelerator: dict[str, Any] | None = None  # what the engine reports (NPU worker)
+
+    def counters(self) -> Counters:
+        return Counters(
+            self.tokens_in, self.tokens_out, Counter(self.placed), Counter(self.errors),
+            self.ejected_total,
+        )  # fmt: skip
+
+    def add_counters(self, counters: Counters) -> None:
+        """A reload replaced a replica of the same id: its totals continue here, so the
+        ``*_total`` series never go backwards."""
+        self.tokens_in += counters.tokens_in
+        self.tokens_out += counters.tokens_out
+        self.placed.update(counters.placed)
+        self.errors.update(counters.errors)
+        self.ejected_total += counters.ejected_total
 
     def add_tokens(self, tokens_in: int, tokens_out: int) -> None:
         self.tokens_in += tokens_in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,12 +61,15 @@ def pool(
 
 
 @contextmanager
-def run_gateway(config: Config | dict[str, Any], tmp_path: Path) -> Iterator[Gateway]:
+def run_gateway(
+    config: Config | dict[str, Any], tmp_path: Path, config_path: Path | None = None
+) -> Iterator[Gateway]:
+    """An in-process gateway; with ``config_path``, reloads re-read that file."""
     if isinstance(config, dict):
         config = config_from_mapping(config, env={})
     log_path = tmp_path / f"access-{time.monotonic_ns()}.log"
     with open(log_path, "w", buffering=1) as log_stream:
-        app = create_app(config, access_log_stream=log_stream)
+        app = create_app(config, config_path=config_path, access_log_stream=log_stream)
         server = UvicornThread(app)
         server.start()
         try:
@@ -178,6 +182,21 @@ def start_llama_server(slots: int, log_path: Path) -> LlamaServer:
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"llama-server did not become healthy; see {log_path}")
+
+
+STANDIN = REPO / "tests" / "fakes" / "nvml" / "libnvml_standin.c"
+
+
+@pytest.fixture(scope="session")
+def nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    assert compiler, "gcc is part of every machine this project runs on"
+    out = tmp_path_factory.mktemp("nvml")
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O1", "-o", str(out / "libnvidia-ml.so.1"), str(STANDIN)],
+        check=True,
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,34 +10,18 @@ GPU series are absent and nothing fails.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
 from tests.fakes.servers import gateway_process, wait_until
 from tests.prom import scrape, value
 
-STANDIN = REPO / "tests" / "fakes" / "nvml" / "libnvml_standin.c"
 GIB = 1024**3
-
-
-@pytest.fixture(scope="session")
-def nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    assert compiler, "gcc is part of every machine this project runs on"
-    out = tmp_path_factory.mktemp("nvml")
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O1", "-o", str(out / "libnvidia-ml.so.1"), str(STANDIN)],
-        check=True,
-    )
-    return out
 
 
 def write_gpus(path: Path, *gpus: tuple[int, int, str]) -> None:

@@ -28,7 +28,7 @@ def test_locust_recipe_runs_headless_without_failures(
         prefix = tmp_path / "run"
         result = subprocess.run(
             [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"),
-             "--host", gw.url, "--headless", "-u", "8", "-r", "8", "-t", "6s",
+             "--host", gw.url, "--headless", "-u", "8", "-r", "8", "-t", "8s",
              "--csv", str(prefix), "--only-summary", "--stop-timeout", "5"],
             env={**os.environ, "ORCHGATE_MODEL": "m", "ORCHGATE_MAX_TOKENS": "8"},
             capture_output=True, text=True, timeout=90,

@@ -368,7 +368,7 @@ def test_managed_worker_restarts_after_sigkill_and_leaves_no_child(
         "max_tokens": 4,
     }
     with gateway_factory(config) as gateway:
-        process = gateway.state.processes[0]
+        process = next(iter(gateway.state.pools.values())).processes[0]
         assert wait_until(lambda: httpx.get(gateway.url + "/health").status_code == 200, timeout=60)
         assert (
             httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30).status_code

@@ -18,6 +18,7 @@ from backends.base import ReplicaLoad
 from backends.errors import BackendError
 from gateway import __version__
 from gateway.errors import NotFound
+from gateway.lifecycle import Lifecycle
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.state import GatewayState, PoolRuntime
@@ -50,6 +51,7 @@ def pool_summary(pool: PoolRuntime) -> dict[str, Any]:
         "queue_depth": pool.queue.depth(),
         "slots_in_use": pool.queue.in_use(),
         "slots_ready": pool.queue.ready_slots(),
+        "variant": pool.variant,
     }
 
 
@@ -62,9 +64,14 @@ async def _engine_load(replica: ReplicaState) -> ReplicaLoad | None:
         return None
 
 
+def _serving_pool(state: GatewayState, model: str) -> str | None:
+    return state.models.pool_for(model)
+
+
 def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, Any]:
     return {
         "id": replica.replica_id,
+        "url": replica.backend.root,  # type: ignore[attr-defined]  # a reload may move it
         "engine": replica.engine,
         "engine_version": replica.engine_version,
         "ready": replica.ready,
@@ -83,7 +90,7 @@ def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, 
     }
 
 
-def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
+def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[Any]) -> list[Any]:
     @get("/health")
     async def health() -> Response[dict[str, Any]]:
         pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
@@ -118,6 +125,7 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
         pools = await asyncio.gather(*(_pool_detail(p) for p in state.pools.values()))
         for pool_id, detail in zip(state.pools, pools, strict=True):
             detail["id"] = pool_id
+            detail["lifecycle"] = lifecycle.view(pool_id)
         models = state.model_states()
         return {
             "version": __version__,
@@ -127,8 +135,8 @@ def control_handlers(state: GatewayState, *, guards: list[Any]) -> list[Any]:
             "tasks_active": state.tasks.active(),
             "pools": pools,
             "models": [
-                {"id": pool.canonical, "state": models[pool.canonical], "pool": pool.id}
-                for pool in state.pools.values()
+                {"id": model, "state": model_state, "pool": _serving_pool(state, model)}
+                for model, model_state in models.items()
             ],
         }
 

@@ -1,0 +1,136 @@
+"""Lifecycle control plane: pool reloads, reservations, config reload, hardware.
+
+``POST /v1/pools/{id}/reload``          swap a pool (body: nothing, a variant, or settings)
+``GET|POST|DELETE /v1/pools/{id}/reservation``  the swap lock (token in X-Reservation-Token)
+``POST /v1/config/reload``              re-read the config file (also on SIGHUP)
+``GET /v1/hardware``                    what ``orchgate hw`` prints, as JSON
+
+Behaviour lives in ``gateway.lifecycle``, ``policies.reservation`` and
+``backends.hardware``; this module parses, authorises and renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from msgspec import Meta
+
+from backends.base import Strict
+from backends.hardware import HardwareProfile, detect
+from gateway.errors import Conflict, InvalidJson, InvalidRequest, LockedError, NotFound
+from gateway.lifecycle import Lifecycle, ReloadRequest
+from policies.reservation import Locked, Taken
+
+TOKEN_HEADER = "x-reservation-token"
+_HARDWARE_CACHE_S = 30.0
+
+
+class ReserveRequest(Strict):
+    holder: Annotated[str, Meta(min_length=1, max_length=128)]
+    ttl_s: Annotated[float, Meta(ge=1, le=86_400)] = 600.0
+
+
+def _decode(raw: bytes, kind: type[Any]) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+
+
+def _flag(request: Request[Any, Any, Any], name: str) -> bool:
+    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
+
+
+class _HardwareCache:
+    """Probing takes an NVML session and a few files: once per 30 s is plenty."""
+
+    def __init__(self) -> None:
+        self._profile: HardwareProfile | None = None
+        self._at = 0.0
+
+    async def get(self, lifecycle: Lifecycle, refresh: bool) -> HardwareProfile:
+        now = time.monotonic()
+        if refresh or self._profile is None or now - self._at > _HARDWARE_CACHE_S:
+            self._profile = await asyncio.to_thread(detect, lifecycle.state.config.hardware)
+            self._at = now
+        return self._profile
+
+
+def lifecycle_handlers(lifecycle: Lifecycle, *, guards: list[Any]) -> list[Any]:
+    hardware_cache = _HardwareCache()
+
+    @post("/v1/pools/{pool_id:str}/reload", guards=guards, status_code=200)
+    async def reload_pool(pool_id: str, request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Blue-green swap; answers when the new set serves (or with why it did not)."""
+        body: ReloadRequest | None = _decode(await request.body(), ReloadRequest)
+        token = request.headers.get(TOKEN_HEADER)
+        return await lifecycle.reload_pool(pool_id, body, token)
+
+    @post("/v1/config/reload", guards=guards, status_code=200)
+    async def reload_config(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        return await lifecycle.reload_config(request.headers.get(TOKEN_HEADER))
+
+    @get("/v1/hardware", guards=guards)
+    async def hardware(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """Detected once per 30 s (``?refresh=true`` probes now); the config's
+        ``[hardware]`` keys win."""
+        profile = await hardware_cache.get(lifecycle, _flag(request, "refresh"))
+        return msgspec.to_builtins(profile)  # type: ignore[no-any-return]
+
+    return [reload_pool, reload_config, hardware, *_reservation_handlers(lifecycle, guards)]
+
+
+def _reservation_handlers(lifecycle: Lifecycle, guards: list[Any]) -> list[Any]:
+    state = lifecycle.state
+    book = lifecycle.reservations
+
+    def known(pool_id: str) -> None:
+        if pool_id not in state.pools:
+            raise NotFound(f"no pool {pool_id!r}", param="pool_id")
+
+    @get("/v1/pools/{pool_id:str}/reservation", guards=guards)
+    async def reservation(pool_id: str) -> dict[str, Any]:
+        known(pool_id)
+        held = book.get(pool_id)
+        return {"pool": pool_id, **(held.view(book.now()) if held else {"reserved": False})}
+
+    @post("/v1/pools/{pool_id:str}/reservation", guards=guards)
+    async def reserve(pool_id: str, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        """Reserve (201, with the token: keep it) or renew with the token (200)."""
+        known(pool_id)
+        body: ReserveRequest | None = _decode(await request.body(), ReserveRequest)
+        if body is None:
+            raise InvalidRequest("send {'holder': '...', 'ttl_s': 600}", param="holder")
+        token = request.headers.get(TOKEN_HEADER)
+        renewing = book.get(pool_id) is not None
+        try:
+            held = book.reserve(pool_id, body.holder, body.ttl_s, token)
+        except Taken as exc:
+            raise Conflict(
+                str(exc), extra={"reservation": exc.reservation.view(book.now())}
+            ) from None
+        return Response(
+            {"pool": pool_id, "token": held.token, **held.view(book.now())},
+            status_code=200 if renewing else 201,
+        )
+
+    @delete("/v1/pools/{pool_id:str}/reservation", guards=guards, status_code=204)
+    async def release(pool_id: str, request: Request[Any, Any, Any]) -> None:
+        """The holder releases with its token; ``?force=true`` is the operator's override."""
+        known(pool_id)
+        try:
+            book.release(pool_id, request.headers.get(TOKEN_HEADER), force=_flag(request, "force"))
+        except Locked as exc:
+            raise LockedError(
+                str(exc), extra={"reservation": exc.reservation.view(book.now())}
+            ) from None
+
+    return [reservation, reserve, release]
