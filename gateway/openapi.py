@@ -247,6 +247,136 @@ def _control_paths(pool_ids: list[str]) -> dict[str, Any]:
     }
 
 
+_LIFECYCLE_ERRORS = {
+    "400": "malformed JSON or a mistyped field",
+    "401": "no bearer token (when a token is configured)",
+    "403": "wrong bearer token",
+    "404": "unknown pool or variant",
+    "409": "a reload is already running / the new set does not fit the GPU (see 'fit') / "
+    "the reservation is someone else's / no config file",
+    "422": "the resulting config is invalid; nothing was changed",
+    "423": "the pool is reserved: send the holder's X-Reservation-Token",
+    "502": "the new replica set did not come up; rolled back, the old one kept serving",
+}
+_POOL_ID = {"name": "pool_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_RESERVATION_TOKEN = {
+    "name": "X-Reservation-Token",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+}
+
+
+def _lifecycle_paths() -> dict[str, Any]:
+    reload_body = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "variant": {"type": "string"},
+            "models": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            "replicas": {"type": "array", "items": {"type": "object"}, "minItems": 1},
+            "max_context_tokens": {"type": "integer", "minimum": 1},
+        },
+    }
+    swapped = {"type": "object", "required": ["pool", "status", "duration_ms"]}
+    reservation = {"type": "object", "required": ["reserved"]}
+
+    def errors(*only: str) -> dict[str, Any]:
+        return _errors(_LIFECYCLE_ERRORS, "OpenAIError", only)
+
+    return {
+        "/v1/pools/{pool_id}/reload": {
+            "post": {
+                "summary": "Swap the pool's replica set (blue-green, rolled back on failure)",
+                "parameters": [_POOL_ID, _RESERVATION_TOKEN],
+                "requestBody": {"required": False, "content": {JSON: {"schema": reload_body}}},
+                "responses": {"200": _json(swapped, "the new set serves"), **errors()},
+            }
+        },
+        "/v1/config/reload": {
+            "post": {
+                "summary": "Re-read the config file (validated whole first)",
+                "parameters": [_RESERVATION_TOKEN],
+                "responses": {
+                    "200": _json({"type": "object", "required": ["status", "pools"]}, "applied"),
+                    **errors("401", "403", "409", "422", "423", "502"),
+                },
+            }
+        },
+        "/v1/pools/{pool_id}/reservation": {
+            "get": {
+                "summary": "Who holds the pool's swap reservation",
+                "parameters": [_POOL_ID],
+                "responses": {
+                    "200": _json(reservation, "the reservation"),
+                    **errors("401", "403", "404"),
+                },
+            },
+            "post": {
+                "summary": "Reserve the pool for swaps (renew with the token)",
+                "parameters": [_POOL_ID, _RESERVATION_TOKEN],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "required": ["holder"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "holder": {"type": "string", "minLength": 1, "maxLength": 128},
+                                    "ttl_s": {"type": "number", "minimum": 1, "maximum": 86400},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(reservation, "renewed"),
+                    "201": _json(reservation, "reserved; the answer holds the token"),
+                    **errors("400", "401", "403", "404", "409"),
+                },
+            },
+            "delete": {
+                "summary": "Release (holder's token) or force-release (?force=true)",
+                "parameters": [
+                    _POOL_ID,
+                    _RESERVATION_TOKEN,
+                    {
+                        "name": "force",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "boolean"},
+                    },
+                ],
+                "responses": {
+                    "204": {"description": "released"},
+                    **errors("401", "403", "404", "423"),
+                },
+            },
+        },
+        "/v1/hardware": {
+            "get": {
+                "summary": "Detected GPUs, NPU, CPU and RAM ([hardware] overrides win)",
+                "parameters": [
+                    {
+                        "name": "refresh",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "boolean"},
+                    }
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["profile", "cpu", "gpus"]}, "the profile"
+                    ),
+                    **errors("401", "403"),
+                },
+            }
+        },
+    }
+
+
 def _task_request(
     generated: dict[str, Any], models: list[str], engines: list[str], limit: int
 ) -> dict[str, Any]:
@@ -331,6 +461,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
             "/v1/embeddings": _proxied("Embeddings (OpenAI)", embeddings, stream=False),
             **_task_paths(),
             **_control_paths([pool.id for pool in config.pools]),
+            **_lifecycle_paths(),
         },
         "components": {"schemas": schemas},
     }

@@ -9,6 +9,7 @@ own retries off, so one failed request anywhere fails the test.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -310,3 +311,77 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+BROKEN_VARIANT = """
+[[pools.variants]]
+id = "broken"
+models = ["smollm2-x", "chat"]
+
+[[pools.variants.replicas]]
+id = "r0"
+engine = "llamacpp"
+url = "http://127.0.0.1:1"
+launch = ["{python}", "-c", "import sys; sys.exit('cannot load the weights')"]
+"""
+
+
+def test_swap_from_the_status_page_under_load_respecting_the_lock(tmp_path: Path) -> None:
+    from tests.browser import Browser
+
+    def swap_box() -> str:
+        return str(browser.evaluate("document.querySelector('[data-swap=chat]').innerText"))
+
+    def click(action: str) -> None:
+        browser.evaluate(
+            f"document.querySelector('[data-swap=chat] button[data-action={action}]').click()"
+        )
+
+    def choose(variant: str) -> None:
+        browser.evaluate(
+            "(() => { const s = document.querySelector('[data-swap=chat] select');"
+            f"s.value = '{variant}'; s.dispatchEvent(new Event('change')); }})()"
+        )
+
+    with (
+        chat_gateway(tmp_path, BROKEN_VARIANT) as gw,
+        Browser() as browser,
+        Traffic(gw.url) as traffic,
+    ):
+        browser.goto(gw.url + "/status")
+        assert browser.wait_for(lambda: "model: smollm2-a" in browser.text()), browser.text()
+        options = browser.evaluate(
+            "[...document.querySelectorAll('[data-swap=chat] option')].map(o => o.value).join()"
+        )
+        assert options == "default,b,broken"
+
+        # pick b, confirm, watch it happen
+        choose("b")
+        click("swap")
+        assert browser.wait_for(lambda: "Swap pool chat to b?" in swap_box()), swap_box()
+        click("confirm")
+        assert browser.wait_for(lambda: "swapped to b in" in swap_box(), timeout=90), swap_box()
+        assert browser.wait_for(lambda: "model: smollm2-b" in swap_box()), swap_box()
+        assert re.search(r"smollm2-a\s+Retired", browser.text()), browser.text()
+        assert gw.state.pools["chat"].variant == "b"
+
+        # a broken setting: the page reports the failure, the model stays
+        choose("broken")
+        click("swap")
+        assert browser.wait_for(lambda: "Swap pool chat to broken?" in swap_box()), swap_box()
+        click("confirm")
+        assert browser.wait_for(lambda: "swap failed (502)" in swap_box(), timeout=90), swap_box()
+        assert "cannot load the weights" in swap_box()
+        assert "model: smollm2-b" in swap_box() and gw.state.pools["chat"].variant == "b"
+
+        # someone reserves the pool: the page shows who, and offers no swap
+        held = httpx.post(
+            f"{gw.url}/v1/pools/chat/reservation", json={"holder": "eval-job", "ttl_s": 300}
+        )
+        assert held.status_code == 201
+        assert browser.wait_for(lambda: "reserved by eval-job" in swap_box()), swap_box()
+        assert "swaps are locked" in swap_box()
+        assert browser.evaluate("document.querySelector('[data-swap=chat] button')") is None
+        browser.screenshot(tmp_path / "status-swap.png")
+        traffic.wait_for(3)
+    assert traffic.failures == [], traffic.failures
