@@ -164,6 +164,9 @@ def test_every_config_key_is_documented_in_the_readme_and_the_example() -> None:
     example = (REPO / "orchgate.example.toml").read_text()
     keys = _config_keys(Config)
     assert "pools[].retry.attempts" in keys and "server.cors.max_age_s" in keys
+    # a variant's replicas take the keys of a pool's replicas; the README says so once
+    keys = [k.replace("variants[].replicas[]", "replicas[]") for k in keys]
+    assert "`pools[].variants[].replicas`" in readme
     undocumented = [k for k in keys if f"`{k}`" not in readme and f"`{k} " not in readme]
     assert undocumented == [], "README configuration reference lacks these keys"
     leaf_names = {k.rsplit(".", 1)[-1] for k in keys}
