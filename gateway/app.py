@@ -163,16 +163,14 @@ def create_app(
             await state.stop()
             await webhooks.aclose()
 
-    openapi_cache: dict[int, bytes] = {}
+    openapi_cache: list[tuple[Config, bytes]] = []
 
     @get("/openapi.json", media_type="application/json")
     async def openapi() -> bytes:
         # model names and pools change with reloads: rebuilt once per running config
-        key = id(state.config)
-        if key not in openapi_cache:
-            openapi_cache.clear()
-            openapi_cache[key] = msgspec.json.encode(build_openapi(state.config))
-        return openapi_cache[key]
+        if not openapi_cache or openapi_cache[0][0] is not state.config:
+            openapi_cache[:] = [(state.config, msgspec.json.encode(build_openapi(state.config)))]
+        return openapi_cache[0][1]
 
     cors = None
     if config.server.cors.allow_origins:

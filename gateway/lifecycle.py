@@ -130,6 +130,7 @@ class Lifecycle:
         self._free_vram = free_vram or self._nvml_free_vram
         self._lock = asyncio.Lock()
         self._retire_tasks: set[asyncio.Task[None]] = set()
+        self._starting: set[PoolRuntime] = set()  # new sets not switched to yet
         self.progress: dict[str, dict[str, Any]] = {}  # per pool: the last reload, for /v1/status
 
     # -- pool reload ---------------------------------------------------------------------
@@ -322,6 +323,7 @@ class Lifecycle:
         assert change.target is not None
         loop = asyncio.get_running_loop()
         new = change.new = PoolRuntime(change.target, change.variant)
+        self._starting.add(new)
         failed = change.failed = loop.create_future()
 
         def on_exit(replica: ReplicaState, code: int) -> None:
@@ -409,6 +411,7 @@ class Lifecycle:
     ) -> None:
         """Stop every new set; the old ones never stopped serving."""
         await asyncio.gather(*(c.new.stop() for c in changes if c.new is not None))
+        self._starting.difference_update(c.new for c in changes)
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         reasons = []
         failed_pools = {}
@@ -437,6 +440,7 @@ class Lifecycle:
         for change in changes:
             old, new = change.old, change.new
             if new is not None:
+                self._starting.discard(new)
                 change.switched = True
                 if old is not None:
                     _carry_counters(change, old, new)
@@ -665,9 +669,13 @@ class Lifecycle:
         }
 
     async def aclose(self) -> None:
+        """Shutdown: a reload still starting its new set loses it; retirements end early
+        (the gateway stops the retiring sets itself)."""
         for task in list(self._retire_tasks):
             task.cancel()
         await asyncio.gather(*self._retire_tasks, return_exceptions=True)
+        await asyncio.gather(*(pool.stop() for pool in self._starting), return_exceptions=True)
+        self._starting.clear()
 
 
 def _carry_counters(change: _Change, old: PoolRuntime, new: PoolRuntime) -> None:
