@@ -201,16 +201,20 @@ class OpenAICompatBackend:
     async def get(self, path: str) -> tuple[int, bytes]:
         """A short GET with the probe timeout; raises ``BackendUnavailable`` when down."""
         request = self.pool.build(b"GET", self._prefix + path.encode(), self._auth)
+        timeout = self.config.probe_timeout_s
+        # the transport enforces the deadline itself (a cancelled wait_for can be swallowed
+        # by a connection completing at the same moment); wait_for is only the backstop
+        limits = Limits(deadline=asyncio.get_running_loop().time() + timeout)
 
         async def run() -> tuple[int, bytes]:
-            response = await self._request(request)
+            response = await self._request(request, limits)
             try:
                 return response.status, await response.read()
             finally:
                 await response.aclose()
 
         try:
-            return await asyncio.wait_for(run(), self.config.probe_timeout_s)
+            return await asyncio.wait_for(run(), timeout + 1.0)
         except TimeoutError as exc:
             raise self._tag(BackendTimeout(f"GET {path} timed out")) from exc
         except (ConnectionError, OSError) as exc:

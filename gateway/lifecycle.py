@@ -31,7 +31,7 @@ import msgspec
 from msgspec import Meta
 
 from backends.base import Endpoint, Limits, Strict, UpstreamCall
-from backends.errors import BackendError
+from backends.errors import BackendError, BackendRejected
 from backends.gpu import Nvml
 from backends.model_file import ModelFileError, read_model
 from backends.openai_compat import replica_root
@@ -141,10 +141,14 @@ class Lifecycle:
         if pool is None:
             raise NotFound(f"no pool {pool_id!r}", param="pool_id")
         self._check_reservation(pool_id, token)
+        request = request or ReloadRequest()
         async with self._exclusive():
-            target, variant = await self._target(pool, request or ReloadRequest())
+            target, variant = await self._target(pool, request)
             config = self._running_config_with(target)
             results = await self._apply([_Change(pool_id, pool, target, variant)], config, trigger)
+            if request.is_empty():  # this pool now runs as the file says: a later whole-file
+                pools = [target if p.id == pool_id else p for p in self.file_config.pools]
+                self.file_config = msgspec.structs.replace(self.file_config, pools=pools)
             return results[pool_id]
 
     async def _target(self, pool: PoolRuntime, request: ReloadRequest) -> tuple[PoolConfig, str]:
@@ -291,6 +295,12 @@ class Lifecycle:
         started = time.monotonic()
         self._relocate_ports(changes)
         warnings = await self._check_fit(changes)
+        log.info(
+            "reload (%s): starting %s",
+            trigger,
+            ", ".join(f"{c.pool_id} -> {c.variant}" for c in changes if c.target is not None)
+            or "nothing (removals only)",
+        )
         for change in changes:
             if change.target is not None:
                 self._progress(change, "starting", trigger=trigger, started=started)
@@ -320,6 +330,17 @@ class Lifecycle:
         return results
 
     async def _bring_up(self, change: _Change) -> None:
+        """Launch, health gate, warm-up; bounded as a whole by ``reload_timeout_s``."""
+        assert change.target is not None
+        limit = change.target.reload_timeout_s
+        try:
+            async with asyncio.timeout(limit + 5.0):  # backstop: each step has its own limit
+                await self._gate(change)
+        except TimeoutError:
+            raise _BringUpFailed(f"not serving within reload_timeout_s={limit:g}") from None
+        log.info("pool %s: new replica set is healthy and serving", change.pool_id)
+
+    async def _gate(self, change: _Change) -> None:
         assert change.target is not None
         loop = asyncio.get_running_loop()
         new = change.new = PoolRuntime(change.target, change.variant)
@@ -363,44 +384,45 @@ class Lifecycle:
     async def _warm_up(
         self, pool: PoolRuntime, replica: ReplicaState, deadline: float, failed: asyncio.Future[str]
     ) -> None:
-        """The model is really served: a one-token request, as a client would send it."""
+        """The model is really served: a one-token request, as a client would send it. An
+        engine that refuses one route (an embedding model has no chat) is asked the next."""
         model = pool.upstream_model[replica.replica_id]
-        endpoints = replica.backend.endpoints
-        if Endpoint.CHAT in endpoints:
-            endpoint, body = (
-                Endpoint.CHAT,
-                {
-                    "model": model,
-                    "messages": [{"role": "user", "content": "Hello"}],
-                    "max_tokens": 1,
-                },
+        bodies = {
+            Endpoint.CHAT: {
+                "model": model,
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 1,
+            },
+            Endpoint.COMPLETIONS: {"model": model, "prompt": "Hello", "max_tokens": 1},
+            Endpoint.EMBEDDINGS: {"model": model, "input": "Hello"},
+        }
+        refusal = "it serves none of chat, completions, embeddings"
+        for endpoint, body in bodies.items():
+            if endpoint not in replica.backend.endpoints:
+                continue
+            call = UpstreamCall(
+                endpoint,
+                msgspec.json.encode(body),
+                stream=False,
+                request_id=f"reload-{replica.replica_id}",
             )
-        elif Endpoint.COMPLETIONS in endpoints:
-            endpoint, body = (
-                Endpoint.COMPLETIONS,
-                {"model": model, "prompt": "Hello", "max_tokens": 1},
-            )
-        else:
-            endpoint, body = Endpoint.EMBEDDINGS, {"model": model, "input": "Hello"}
-        call = UpstreamCall(
-            endpoint,
-            msgspec.json.encode(body),
-            stream=False,
-            request_id=f"reload-{replica.replica_id}",
-        )
-        try:
-            response = await replica.backend.send(call, Limits(deadline=deadline))
             try:
-                await response.read()
-            finally:
-                await response.aclose()
-        except BackendError as exc:
-            if failed.done():  # the process died under the request: its own words say more
-                raise _BringUpFailed(failed.result()) from None
-            raise _BringUpFailed(
-                f"replica {replica.replica_id} is healthy but did not serve model {model!r}: "
-                f"{exc.message}"
-            ) from None
+                response = await replica.backend.send(call, Limits(deadline=deadline))
+                try:
+                    await response.read()
+                finally:
+                    await response.aclose()
+                return
+            except BackendRejected as exc:
+                refusal = f"{endpoint.value}: {exc.message}"
+            except BackendError as exc:
+                if failed.done():  # the process died under the request: its words say more
+                    raise _BringUpFailed(failed.result()) from None
+                refusal = exc.message
+                break
+        raise _BringUpFailed(
+            f"replica {replica.replica_id} is healthy but did not serve model {model!r}: {refusal}"
+        )
 
     async def _roll_back(
         self,

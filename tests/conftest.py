@@ -127,6 +127,16 @@ def vllm_sim() -> Iterator[tuple[VLLMSimulator, AiohttpThread]]:
         yield sim, server
 
 
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback address where nothing listens, held for the test: a socket bound there
+    without listening refuses every connect, and no other socket (an ephemeral client
+    port, which could connect to itself) can take the number meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -72,10 +72,12 @@ launch = {llama_launch(4, 4096)}
 
 
 class Traffic:
-    """Clients in threads sending chats (half of them streamed) until stopped."""
+    """Clients in threads sending chats (half of them streamed) until stopped, and one
+    OrchQueue client submitting tasks and following each to its ``end`` event."""
 
     def __init__(self, base_url: str, clients: int = 3) -> None:
         self.ok = 0
+        self.tasks_ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -83,6 +85,27 @@ class Traffic:
             threading.Thread(target=self._run, args=(base_url, i % 2 == 0), daemon=True)
             for i in range(clients)
         ]
+        self._threads.append(threading.Thread(target=self._tasks, args=(base_url,), daemon=True))
+
+    def _tasks(self, base_url: str) -> None:
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            while not self._stop.is_set():
+                try:
+                    accepted = http.post(
+                        "/v1/tasks", json={"model_ref": "chat", "prompt": "Hi", "max_tokens": 8}
+                    )
+                    assert accepted.status_code == 202, accepted.text
+                    stream = http.get(f"/v1/tasks/{accepted.json()['task_id']}/stream")
+                    events = [
+                        line[7:] for line in stream.text.splitlines() if line.startswith("event: ")
+                    ]
+                    assert events[0] == "started" and events[-1] == "end", events
+                    assert "token" in events
+                    with self._lock:
+                        self.tasks_ok += 1
+                except Exception as exc:  # every failure is the test's business
+                    with self._lock:
+                        self.failures.append(f"task: {type(exc).__name__}: {exc}")
 
     def _run(self, base_url: str, stream: bool) -> None:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
@@ -191,8 +214,11 @@ def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
         assert states[("smollm2-a", "Active")] == 1 and states[("smollm2-b", "Retired")] == 1
 
     assert traffic.failures == [], traffic.failures
-    assert traffic.ok >= 18
-    print(f"\nswap to b {to_b_s:.2f}s, back {to_a_s:.2f}s, {traffic.ok} requests, 0 failed")
+    assert traffic.ok >= 18 and traffic.tasks_ok >= 3
+    print(
+        f"\nswap to b {to_b_s:.2f}s, back {to_a_s:.2f}s, {traffic.ok} requests and "
+        f"{traffic.tasks_ok} tasks, 0 failed"
+    )
     assert wait_until(lambda: gw.slots_in_use() == 0, timeout=10)
 
 

@@ -7,6 +7,7 @@ warm-up request, atomic switch, retirement."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +28,10 @@ SECRET = "a-webhook-secret-of-some-length"
 class Receiver:
     """A webhook receiver that answers 500 to the first ``fail_first`` deliveries."""
 
-    def __init__(self, fail_first: int = 0, delay_s: float = 0.0) -> None:
+    def __init__(self, fail_first: int = 0) -> None:
         self.fail_first = fail_first
-        self.delay_s = delay_s
+        self.gate = threading.Event()  # deliveries wait for it: a receiver as slow as we like
+        self.gate.set()
         self.attempts: list[tuple[dict[str, str], bytes]] = []
         self.accepted: list[tuple[dict[str, str], bytes]] = []
 
@@ -42,8 +44,7 @@ class Receiver:
         body = await request.read()
         headers = dict(request.headers)
         self.attempts.append((headers, body))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 30)
         if len(self.attempts) <= self.fail_first:
             return web.Response(status=500)
         self.accepted.append((headers, body))
@@ -165,26 +166,26 @@ def test_reservation_lock_blocks_reloads_until_released_forced_or_expired(
         assert reload(base).status_code == 200
 
         # and a lock ends on its own
-        short = httpx.post(f"{base}/v1/pools/p/reservation", json={"holder": "brief", "ttl_s": 1})
+        short = httpx.post(f"{base}/v1/pools/p/reservation", json={"holder": "brief", "ttl_s": 2})
         assert short.status_code == 201
         assert reload(base).status_code == 423
-        time.sleep(1.1)
+        time.sleep(2.1)
         assert reload(base).status_code == 200
         assert httpx.get(f"{base}/v1/pools/p/reservation").json()["reserved"] is False
 
 
 def test_webhooks_are_signed_retried_and_never_delay_the_reload(
-    fake_upstream: Any, receiver: tuple[Receiver, AiohttpThread], tmp_path: Path
+    fake_upstream: Any, receiver: tuple[Receiver, AiohttpThread], tmp_path: Path, dead_url: str
 ) -> None:
     _, server = fake_upstream
     hook, hook_server = receiver
-    hook.delay_s = 1.5  # a slow receiver: the reload must not wait for it
+    hook.gate.clear()  # the receiver hangs until the reload has answered
     with gateway(tmp_path, server.url, hook_url=hook_server.url + "/hook") as gw:
-        started = time.monotonic()
-        swapped = reload(gw.url, {"variant": "two"})
-        took = time.monotonic() - started
+        swapped = reload(gw.url, {"variant": "two"})  # would time out if it waited
         assert swapped.status_code == 200, swapped.text
-        assert took < 1.5, f"the reload waited for its webhook ({took:.2f}s)"
+        assert wait_until(lambda: len(hook.attempts) == 1)  # delivery under way, not done
+        assert hook.accepted == []
+        hook.gate.set()
 
         # the first delivery got a 500; the retry (same delivery id) was accepted
         assert wait_until(lambda: len(hook.accepted) == 1, timeout=10), hook.attempts
@@ -207,10 +208,7 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
         assert event["previous"] == {"variant": "default", "models": ["m", "alias"]}
 
         # a failed swap is announced too
-        hook.delay_s = 0
-        dead = {
-            "replicas": [{"id": "x", "engine": "openai", "url": f"http://127.0.0.1:{free_port()}"}]
-        }
+        dead = {"replicas": [{"id": "x", "engine": "openai", "url": dead_url}]}
         failed = reload(gw.url, dead)
         assert failed.status_code == 502 and failed.json()["rolled_back"] is True
         assert wait_until(lambda: len(hook.accepted) == 2, timeout=10)
@@ -289,7 +287,7 @@ def extra_pool(models: str, url: str, *, timeout: str = "") -> str:
 
 
 def test_config_reload_applies_a_valid_file_whole_and_an_invalid_one_not_at_all(
-    fake_upstream: Any, tmp_path: Path
+    fake_upstream: Any, tmp_path: Path, dead_url: str
 ) -> None:
     _, server = fake_upstream
     path = tmp_path / "orchgate.toml"
@@ -302,8 +300,7 @@ def test_config_reload_applies_a_valid_file_whole_and_an_invalid_one_not_at_all(
         assert list(gw.state.pools) == ["p"]
 
         # a new pool with a replica that never comes up: all or nothing
-        dead = f"http://127.0.0.1:{free_port()}"
-        path.write_text(good + extra_pool('["q"]', dead, timeout="reload_timeout_s = 1\n"))
+        path.write_text(good + extra_pool('["q"]', dead_url, timeout="reload_timeout_s = 1\n"))
         failed = httpx.post(gw.url + "/v1/config/reload", timeout=30)
         assert failed.status_code == 502 and failed.json()["rolled_back"] is True
         assert list(gw.state.pools) == ["p"]
@@ -336,3 +333,24 @@ def test_config_reload_without_a_file_is_a_conflict(
         assert answer.status_code == 409 and "without --config" in answer.text
         # a pool reload without a body re-applies the startup config
         assert httpx.post(gw.url + "/v1/pools/p/reload").status_code == 200
+
+
+def test_a_replica_that_is_healthy_but_serves_another_model_is_not_switched_to(
+    fake_upstream: Any, vllm_sim: Any, tmp_path: Path
+) -> None:
+    """vLLM answers /health whatever it loaded; only a request for the model proves it."""
+    _, server = fake_upstream
+    sim, sim_server = vllm_sim
+    wrong = {"replicas": [{"id": "v0", "engine": "vllm", "url": sim_server.url, "slots": 4}]}
+    with gateway(tmp_path, server.url) as gw:
+        refused = reload(gw.url, {**wrong, "models": ["meta-llama/Llama-3.1-8B", "alias"]})
+        assert refused.status_code == 502, refused.text
+        message = refused.json()["error"]["message"]
+        assert "v0 is healthy but did not serve model 'meta-llama/Llama-3.1-8B'" in message
+        assert "does not exist" in message
+        assert gw.state.pools["p"].replicas[0].replica_id == "f0"
+        right = reload(gw.url, {**wrong, "models": [sim.served_model, "alias"]})
+        assert right.status_code == 200, right.text
+        chat = {"model": "alias", "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(gw.url + "/v1/chat/completions", json=chat)
+        assert answer.status_code == 200 and answer.headers["x-orchgate-replica"] == "v0"
