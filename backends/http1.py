@@ -334,17 +334,15 @@ class Http1Pool:
             self._tick = _MAX_TICK_S
 
     async def _connect(self) -> Http1Connection:
-        try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
+        try:  # asyncio.timeout, not wait_for, which can lose a cancellation on 3.11
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await self.loop.create_connection(
                     lambda: Http1Connection(self),
                     self.host,
                     self.port,
                     ssl=self._ssl,
                     server_hostname=self.host if self.tls else None,
-                ),
-                self.connect_timeout_s,
-            )
+                )
         except TimeoutError:
             raise UpstreamTimeout(
                 "connect", f"connecting to the upstream took over {self.connect_timeout_s:g}s"

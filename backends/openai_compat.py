@@ -183,7 +183,8 @@ class OpenAICompatBackend:
         response = await self._request(request, limits)
         if response.status >= 400:
             try:
-                raw = await asyncio.wait_for(response.read(), self.config.probe_timeout_s)
+                async with asyncio.timeout(self.config.probe_timeout_s):
+                    raw = await response.read()
             except (ConnectionError, OSError, TimeoutError):
                 raw = b""
             finally:
@@ -202,8 +203,8 @@ class OpenAICompatBackend:
         """A short GET with the probe timeout; raises ``BackendUnavailable`` when down."""
         request = self.pool.build(b"GET", self._prefix + path.encode(), self._auth)
         timeout = self.config.probe_timeout_s
-        # the transport enforces the deadline itself (a cancelled wait_for can be swallowed
-        # by a connection completing at the same moment); wait_for is only the backstop
+        # the transport enforces the deadline itself; the timeout below is the backstop
+        # (asyncio.timeout: wait_for can lose a caller's cancellation on 3.11, cpython#86296)
         limits = Limits(deadline=asyncio.get_running_loop().time() + timeout)
 
         async def run() -> tuple[int, bytes]:
@@ -214,7 +215,8 @@ class OpenAICompatBackend:
                 await response.aclose()
 
         try:
-            return await asyncio.wait_for(run(), timeout + 1.0)
+            async with asyncio.timeout(timeout + 1.0):
+                return await run()
         except TimeoutError as exc:
             raise self._tag(BackendTimeout(f"GET {path} timed out")) from exc
         except (ConnectionError, OSError) as exc:

@@ -126,7 +126,8 @@ class ManagedProcess:
         if process is not None and process.returncode is None:
             self._signal(process.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await process.wait()
             except TimeoutError:
                 self._signal(process.pid, signal.SIGKILL)
                 await process.wait()

@@ -253,8 +253,9 @@ class Task:
                 index += 1
             if self.finished:
                 return
-            try:
-                await asyncio.wait_for(self._changed.wait(), heartbeat_s)
+            try:  # asyncio.timeout, not wait_for: see policies.health (cpython#86296)
+                async with asyncio.timeout(heartbeat_s):
+                    await self._changed.wait()
             except TimeoutError:
                 yield b": keep-alive\n\n"
 

@@ -162,8 +162,11 @@ class HealthMonitor:
             if cooldown_left > 0:
                 interval = cooldown_left  # probing an ejected replica changes nothing
             wake.clear()
+            # not wait_for: on Python 3.11 it can swallow a cancellation that lands in the
+            # tick its wait completes (cpython#86296), and stop() then waited for ever
             try:
-                await asyncio.wait_for(wake.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await wake.wait()
             except TimeoutError:
                 pass
 
@@ -186,5 +189,8 @@ class HealthMonitor:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a reload's rollback or shutdown must never hang here
+            _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+            if stuck:
+                log.error("%s health probe loops did not stop", len(stuck))
         self._tasks.clear()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import ClassVar
 
 import pytest
 
-from backends.base import Endpoint
+from backends.base import Endpoint, ReplicaInfo
 from backends.gpu import GpuSample
 from policies.admission import AdmissionQueue, PoolUnready, Priority, QueueFull, QueueTimeout
 from policies.estimates import ServiceRate, retry_after_seconds
+from policies.health import Ejector, HealthMonitor
 from policies.placement import choose_replica
 from policies.replicas import ReplicaState
 
@@ -211,3 +213,27 @@ def test_service_rate_and_retry_after_bounds() -> None:
     assert retry_after_seconds(0.01) == 1
     assert retry_after_seconds(3.2) == 4
     assert retry_after_seconds(10_000) == 120
+
+
+class ProbedBackend(StubBackend):
+    async def probe(self) -> ReplicaInfo:
+        return ReplicaInfo(ready=True, total_slots=1)
+
+
+async def test_health_monitor_stops_even_when_woken_in_the_same_tick() -> None:
+    """Regression: the probe loop waited with asyncio.wait_for, which on Python 3.11
+    swallows a cancellation landing in the tick its wait completes (cpython#86296): a wake
+    (a data-plane failure) just before stop() left the loop running and stop() waiting for
+    ever -- it hung a reload's rollback. Also at random offsets with waits ending often."""
+    rng = random.Random(7)
+    for interval, woken in [(10.0, True)] * 20 + [(0.001, False)] * 100:
+        states = [ReplicaState(ProbedBackend(f"r{i}", 1)) for i in range(3)]  # type: ignore[arg-type]
+        queue = make_queue(*states)
+        ejector = Ejector(queue, consecutive_failures=5, cooldown_s=1, max_cooldown_s=1)
+        monitor = HealthMonitor(states, queue, interval, ejector)
+        await monitor.start()
+        await asyncio.sleep(0.002 if woken else rng.uniform(0, 0.004))
+        if woken:
+            monitor.wake("r1")  # its wait completes in the tick stop() cancels it
+        async with asyncio.timeout(2):
+            await monitor.stop()

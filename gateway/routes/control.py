@@ -59,7 +59,8 @@ async def _engine_load(replica: ReplicaState) -> ReplicaLoad | None:
     if not replica.ready:
         return None
     try:
-        return await asyncio.wait_for(replica.backend.load(), _LOAD_TIMEOUT_S)
+        async with asyncio.timeout(_LOAD_TIMEOUT_S):
+            return await replica.backend.load()
     except (BackendError, TimeoutError):
         return None
 
