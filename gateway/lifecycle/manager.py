@@ -1,0 +1,417 @@
+"""``Lifecycle``: the one owner of reloads -- a pool's (``POST /v1/pools/{id}/reload``) or the
+whole config file's (``POST /v1/config/reload``, SIGHUP). Resolves what to run, checks the
+reservation, plans, runs the transition (``transition``) after the preflight checks
+(``preflight``), answers, reports progress and sends the webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from backends.base import Strict
+from gateway.auth import TokenCheck
+from gateway.config import (
+    Config,
+    ConfigError,
+    ModelNames,
+    PoolConfig,
+    Replicas,
+    load_config,
+    validate,
+)
+from gateway.errors import (
+    Conflict,
+    InvalidConfigError,
+    LockedError,
+    NotFound,
+    ReloadFailedError,
+)
+from gateway.lifecycle.preflight import check_fit, nvml_free_vram, relocate_ports
+from gateway.lifecycle.transition import BringUpFailed, Change, bring_up, retire, switch
+from gateway.state import GatewayState, PoolRuntime
+from gateway.webhooks import Webhooks
+from policies.reservation import Locked, ReservationBook
+
+log = logging.getLogger("orchgate.lifecycle")
+
+DEFAULT_VARIANT = "default"
+
+
+class ReloadRequest(Strict):
+    """``POST /v1/pools/{id}/reload`` body. Empty: the pool as the config file defines it
+    now. ``variant``: one of the pool's ``[[pools.variants]]`` (or ``"default"``).
+    Otherwise ``models`` / ``replicas`` / ``max_context_tokens`` replace the running ones."""
+
+    variant: str | None = None
+    models: ModelNames | None = None
+    replicas: Replicas | None = None
+    max_context_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+    def is_empty(self) -> bool:
+        return self.variant is None and self.models is None and self.replicas is None
+
+
+class Lifecycle:
+    """The one owner of reloads: at most one runs at a time (a second gets 409)."""
+
+    def __init__(
+        self,
+        state: GatewayState,
+        *,
+        auth: TokenCheck,
+        webhooks: Webhooks,
+        reservations: ReservationBook,
+        config_path: Path | None = None,
+        free_vram: Callable[[int], tuple[int, int] | None] | None = None,
+    ) -> None:
+        self.state = state
+        self.auth = auth
+        self.webhooks = webhooks
+        self.reservations = reservations
+        self.config_path = config_path
+        self.file_config = state.config  # as last read from the file (or the startup config)
+        self._free_vram = free_vram or partial(nvml_free_vram, state)
+        self._lock = asyncio.Lock()
+        self._retire_tasks: set[asyncio.Task[None]] = set()
+        self._starting: set[Change] = set()  # changes whose new set is not switched to yet
+        self.progress: dict[str, dict[str, Any]] = {}  # per pool: the last reload, for /v1/status
+
+    # -- pool reload ---------------------------------------------------------------------
+    async def reload_pool(
+        self, pool_id: str, request: ReloadRequest | None, token: str | None, trigger: str = "api"
+    ) -> dict[str, Any]:
+        pool = self.state.pools.get(pool_id)
+        if pool is None:
+            raise NotFound(f"no pool {pool_id!r}", param="pool_id")
+        self._check_reservation(pool_id, token)
+        request = request or ReloadRequest()
+        async with self._exclusive():
+            target, variant = await self._target(pool, request)
+            config = self._running_config_with(target)
+            results = await self._apply([Change(pool_id, pool, target, variant)], config, trigger)
+            if request.is_empty():  # this pool now runs as the file says: a later whole-file
+                pools = [target if p.id == pool_id else p for p in self.file_config.pools]
+                self.file_config = msgspec.structs.replace(self.file_config, pools=pools)
+            return results[pool_id]
+
+    async def _target(self, pool: PoolRuntime, request: ReloadRequest) -> tuple[PoolConfig, str]:
+        if request.variant is not None:
+            if request.models is not None or request.replicas is not None:
+                raise InvalidConfigError("give either 'variant' or 'models'/'replicas', not both")
+            return self._variant(pool, request.variant)
+        if request.is_empty():
+            return await self._from_file(pool.id), DEFAULT_VARIANT
+        target = msgspec.structs.replace(
+            pool.config,
+            models=request.models or pool.config.models,
+            replicas=request.replicas or pool.config.replicas,
+            max_context_tokens=request.max_context_tokens or pool.config.max_context_tokens,
+        )
+        return target, "custom"
+
+    def _variant(self, pool: PoolRuntime, name: str) -> tuple[PoolConfig, str]:
+        default = self._file_pool(pool.id) or pool.config
+        if name == DEFAULT_VARIANT:
+            return default, DEFAULT_VARIANT
+        for variant in default.variants:
+            if variant.id == name:
+                target = msgspec.structs.replace(
+                    default,
+                    models=variant.models or default.models,
+                    replicas=variant.replicas,
+                    max_context_tokens=variant.max_context_tokens or default.max_context_tokens,
+                )
+                return target, name
+        choices = ", ".join([DEFAULT_VARIANT, *(v.id for v in default.variants)])
+        raise NotFound(
+            f"pool {pool.id!r} has no variant {name!r} (it has: {choices})", param="variant"
+        )
+
+    def _file_pool(self, pool_id: str) -> PoolConfig | None:
+        return next((p for p in self.file_config.pools if p.id == pool_id), None)
+
+    async def _from_file(self, pool_id: str) -> PoolConfig:
+        """The pool as the config file defines it now (the startup config without a file)."""
+        if self.config_path is not None:
+            fresh = await self._read_file()
+            found = next((p for p in fresh.pools if p.id == pool_id), None)
+            if found is None:
+                raise InvalidConfigError(
+                    f"{self.config_path} no longer defines pool {pool_id!r}; reload the whole "
+                    "config (POST /v1/config/reload) to remove it"
+                )
+            return found
+        found = self._file_pool(pool_id)
+        assert found is not None  # every running pool came from the startup config
+        return found
+
+    async def _read_file(self) -> Config:
+        assert self.config_path is not None
+        try:
+            return await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            raise InvalidConfigError(f"not applied: {exc}") from None
+
+    def _running_config_with(self, target: PoolConfig) -> Config:
+        pools = [target if p.id == target.id else p.config for p in self.state.pools.values()]
+        config = msgspec.structs.replace(self.state.config, pools=pools)
+        try:
+            validate(config)
+        except ConfigError as exc:
+            raise InvalidConfigError(f"not applied: {exc}") from None
+        return config
+
+    # -- whole config file ---------------------------------------------------------------
+    async def reload_config(self, token: str | None = None, trigger: str = "api") -> dict[str, Any]:
+        """Re-read the config file: validate it whole first, then reload the pools whose
+        definition changed, start added ones and retire removed ones -- all switched at
+        once. Pools whose definition did not change keep running as they are (a variant
+        stays). ``auth`` and ``webhooks`` apply live; ``server``, ``tasks`` and
+        ``metrics`` changes are reported as needing a restart."""
+        if self.config_path is None:
+            raise Conflict("the gateway was started without --config: there is no file to re-read")
+        async with self._exclusive():
+            fresh = await self._read_file()
+            changes, outcome = self._plan(fresh)
+            for change in changes:
+                if change.old is not None:
+                    self._check_reservation(change.pool_id, token)
+            restart = [
+                key for key in ("server", "tasks", "metrics")
+                if getattr(self.file_config, key) != getattr(fresh, key)
+            ]  # fmt: skip
+            pools = [
+                self.state.pools[p.id].config if outcome[p.id] == "unchanged" else p
+                for p in fresh.pools
+            ]
+            running_config = msgspec.structs.replace(
+                fresh,
+                pools=pools,
+                server=self.state.config.server,
+                tasks=self.state.config.tasks,
+                metrics=self.state.config.metrics,
+            )
+            try:
+                validate(running_config)
+            except ConfigError as exc:
+                raise InvalidConfigError(f"not applied: {exc}") from None
+            results = await self._apply(changes, running_config, trigger) if changes else {}
+            self.state.config = running_config
+            self.auth.set_token(fresh.auth.token)
+            self.webhooks.configure(fresh.webhooks)
+            self.file_config = fresh
+            if restart:
+                log.warning("config reloaded; changes to %s apply after a restart", restart)
+            return {
+                "status": "reloaded",
+                "pools": outcome,
+                "results": results,
+                "restart_required": restart,
+            }
+
+    def _plan(self, fresh: Config) -> tuple[list[Change], dict[str, str]]:
+        """What a re-read file changes, pool by pool, against the file as last applied."""
+        before = {p.id: p for p in self.file_config.pools}
+        after = {p.id: p for p in fresh.pools}
+        changes: list[Change] = []
+        outcome: dict[str, str] = {}
+        for pool_id, pool_config in after.items():
+            running = self.state.pools.get(pool_id)
+            if running is None:
+                changes.append(Change(pool_id, None, pool_config, DEFAULT_VARIANT))
+                outcome[pool_id] = "added"
+            elif before.get(pool_id) != pool_config:
+                changes.append(Change(pool_id, running, pool_config, DEFAULT_VARIANT))
+                outcome[pool_id] = "reloaded"
+            else:
+                outcome[pool_id] = "unchanged"
+        for pool_id, running in self.state.pools.items():
+            if pool_id not in after:
+                changes.append(Change(pool_id, running, None, DEFAULT_VARIANT))
+                outcome[pool_id] = "removed"
+        return changes, outcome
+
+    # -- the transition ------------------------------------------------------------------
+    async def _apply(
+        self, changes: list[Change], config: Config, trigger: str
+    ) -> dict[str, dict[str, Any]]:
+        started = time.monotonic()
+        relocate_ports(self.state, changes)
+        warnings = await check_fit(changes, self._free_vram)
+        log.info(
+            "reload (%s): starting %s",
+            trigger,
+            ", ".join(f"{c.pool_id} -> {c.variant}" for c in changes if c.target is not None)
+            or "nothing (removals only)",
+        )
+        for change in changes:
+            if change.target is not None:
+                self._progress(change, "starting", trigger=trigger, started=started)
+        starting = [c for c in changes if c.target is not None]
+        self._starting.update(c for c in starting)
+        outcomes = await asyncio.gather(
+            *(bring_up(c, self._progress) for c in starting), return_exceptions=True
+        )
+        if any(isinstance(o, BaseException) for o in outcomes):
+            await self._roll_back(
+                changes, list(zip(starting, outcomes, strict=True)), trigger, started
+            )
+        switch(self.state, changes, config)
+        self._starting.difference_update(changes)
+        for change in changes:
+            if change.old is not None:
+                task = asyncio.create_task(
+                    retire(self.state, change), name=f"retire:{change.pool_id}"
+                )
+                self._retire_tasks.add(task)
+                task.add_done_callback(self._retire_tasks.discard)
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        results = {}
+        for change in changes:
+            results[change.pool_id] = self._result(change, duration_ms, warnings)
+            if change.target is not None:
+                self._progress(change, "swapped", duration_ms=duration_ms)
+            self.webhooks.emit("swap_complete", self._event(change, trigger, duration_ms))
+            log.info(
+                "pool %s %s in %.0f ms (%s)",
+                change.pool_id,
+                "removed" if change.target is None else f"now serves {change.variant}",
+                duration_ms,
+                trigger,
+            )
+        return results
+
+    async def _roll_back(
+        self,
+        changes: list[Change],
+        outcomes: list[tuple[Change, object]],
+        trigger: str,
+        started: float,
+    ) -> None:
+        """Stop every new set; the old ones never stopped serving."""
+        await asyncio.gather(*(c.new.stop() for c in changes if c.new is not None))
+        self._starting.difference_update(changes)
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        reasons = []
+        failed_pools = {}
+        for change, outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, BringUpFailed):
+                    log.error("reload failed unexpectedly", exc_info=outcome)
+                reason = str(outcome) or type(outcome).__name__
+                reasons.append(f"pool {change.pool_id}: {reason}")
+            else:
+                reason = "not applied: another pool of the same reload failed"
+            failed_pools[change.pool_id] = reason
+            self._progress(change, "failed", error=reason, duration_ms=duration_ms)
+            event = self._event(change, trigger, duration_ms)
+            self.webhooks.emit("swap_failed", {**event, "error": reason, "rolled_back": True})
+        log.warning("reload rolled back after %.0f ms: %s", duration_ms, "; ".join(reasons))
+        raise ReloadFailedError(
+            "reload failed and was rolled back; the previous replicas kept serving: "
+            + "; ".join(reasons),
+            extra={"rolled_back": True, "pools": failed_pools, "duration_ms": duration_ms},
+        )
+
+    # -- checks before anything starts ---------------------------------------------------
+    def _check_reservation(self, pool_id: str, token: str | None) -> None:
+        try:
+            self.reservations.check(pool_id, token)
+        except Locked as exc:
+            raise LockedError(
+                str(exc),
+                extra={"reservation": exc.reservation.view(self.reservations.now())},
+            ) from None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _exclusive(self) -> asyncio.Lock:
+        if self._lock.locked():
+            raise Conflict("a reload is already in progress; try again when it has finished")
+        return self._lock
+
+    def _progress(self, change: Change, phase: str, **fields: Any) -> None:
+        record = self.progress.setdefault(change.pool_id, {})
+        if phase == "starting":
+            record.clear()
+            assert change.target is not None
+            record.update(
+                variant=change.variant,
+                models=change.target.models,
+                started_at=round(time.time(), 3),
+                trigger=fields.pop("trigger"),
+            )
+            fields.pop("started", None)
+        record["state"] = phase
+        record.update(fields)
+
+    def _result(self, change: Change, duration_ms: float, warnings: list[str]) -> dict[str, Any]:
+        old = change.old
+        result: dict[str, Any] = {
+            "pool": change.pool_id,
+            "status": "removed" if change.new is None else "swapped",
+            "duration_ms": duration_ms,
+            "previous": None
+            if old is None
+            else {"variant": old.variant, "models": old.config.models},
+            "warnings": warnings,
+        }
+        if change.new is not None:
+            result.update(
+                variant=change.new.variant,
+                models=change.new.config.models,
+                replicas=[
+                    {"id": r.replica_id, "url": r.backend.root, "ready": r.ready}  # type: ignore[attr-defined]
+                    for r in change.new.replicas
+                ],
+            )
+        if old is not None:
+            result["retiring"] = {"running": old.queue.in_use(), "queued": old.queue.depth()}
+        return result
+
+    @staticmethod
+    def _event(change: Change, trigger: str, duration_ms: float) -> dict[str, Any]:
+        target = change.target
+        old = change.old
+        return {
+            "pool_id": change.pool_id,
+            "variant": change.variant if target is not None else None,
+            "models": target.models if target is not None else [],
+            "previous": None
+            if old is None
+            else {"variant": old.variant, "models": old.config.models},
+            "trigger": trigger,
+            "duration_ms": duration_ms,
+        }
+
+    def view(self, pool_id: str) -> dict[str, Any]:
+        """Swap state of one pool, for ``/v1/status`` and the status page."""
+        pool = self.state.pools[pool_id]
+        default = self._file_pool(pool_id) or pool.config
+        reservation = self.reservations.get(pool_id)
+        return {
+            "variant": pool.variant,
+            "variants": [
+                {"id": DEFAULT_VARIANT, "models": default.models},
+                *({"id": v.id, "models": v.models or default.models} for v in default.variants),
+            ],
+            "reload": self.progress.get(pool_id),
+            "reservation": reservation.view(self.reservations.now()) if reservation else None,
+        }
+
+    async def aclose(self) -> None:
+        """Shutdown: a reload still starting its new set loses it; retirements end early
+        (the gateway stops the retiring sets itself)."""
+        for task in list(self._retire_tasks):
+            task.cancel()
+        await asyncio.gather(*self._retire_tasks, return_exceptions=True)
+        pools = [c.new for c in self._starting if c.new is not None]
+        await asyncio.gather(*(pool.stop() for pool in pools), return_exceptions=True)
+        self._starting.clear()

@@ -1,0 +1,222 @@
+"""One reload's mechanics, pool by pool: bring the new replica set up and gate it, switch
+routing to it, and retire the old set once it has finished what it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from backends.base import Endpoint, Limits, UpstreamCall
+from backends.errors import BackendError, BackendRejected
+from gateway.config import Config, PoolConfig
+from gateway.metrics import ReplicaLatency
+from gateway.state import GatewayState, PoolRuntime
+from policies.admission import PoolClosed
+from policies.replicas import Counters, ReplicaState
+
+log = logging.getLogger("orchgate.lifecycle")
+
+_GATE_POLL_S = 0.1
+_RETIRE_POLL_S = 0.05
+
+
+class BringUpFailed(Exception):
+    """The new set did not come up; the message says why, for the reload's answer."""
+
+
+class Change:
+    """One pool's part of a reload: ``target`` None removes the pool."""
+
+    __slots__ = ("carried", "failed", "new", "old", "pool_id", "switched", "target", "variant")
+
+    def __init__(
+        self, pool_id: str, old: PoolRuntime | None, target: PoolConfig | None, variant: str
+    ) -> None:
+        self.pool_id = pool_id
+        self.old = old
+        self.target = target
+        self.variant = variant
+        self.new: PoolRuntime | None = None
+        self.switched = False
+        self.failed: asyncio.Future[str] | None = None
+        self.carried: list[tuple[ReplicaState, Counters]] = []
+
+
+async def bring_up(change: Change, on_phase: Callable[[Change, str], None]) -> None:
+    """Launch, health gate, warm-up; bounded as a whole by ``reload_timeout_s``. The new
+    set is ``change.new`` from the first step on, so a failure can stop it."""
+    assert change.target is not None
+    limit = change.target.reload_timeout_s
+    try:
+        async with asyncio.timeout(limit + 5.0):  # backstop: each step has its own limit
+            await _gate(change, on_phase)
+    except TimeoutError:
+        raise BringUpFailed(f"not serving within reload_timeout_s={limit:g}") from None
+    log.info("pool %s: new replica set is healthy and serving", change.pool_id)
+
+
+async def _gate(change: Change, on_phase: Callable[[Change, str], None]) -> None:
+    assert change.target is not None
+    loop = asyncio.get_running_loop()
+    new = change.new = PoolRuntime(change.target, change.variant)
+    failed = change.failed = loop.create_future()
+
+    def on_exit(replica: ReplicaState, code: int) -> None:
+        if change.switched or failed.done():
+            return
+        process = next((p for p in new.processes if p.name == replica.replica_id), None)
+        output = process.last_output() if process is not None else ""
+        failed.set_result(
+            f"replica {replica.replica_id} exited with code {code} while starting"
+            + (f": {output}" if output else "")
+        )
+
+    try:
+        await new.start(on_exit)
+    except OSError as exc:
+        raise BringUpFailed(f"a replica could not be launched: {exc}") from None
+    deadline = loop.time() + change.target.reload_timeout_s
+    on_phase(change, "loading")
+    while not all(r.ready for r in new.replicas):
+        if failed.done():
+            raise BringUpFailed(failed.result())
+        if loop.time() > deadline:
+            waiting = "; ".join(
+                f"{r.replica_id}: {r.detail or 'not ready'}" for r in new.replicas if not r.ready
+            )
+            raise BringUpFailed(
+                f"not healthy within reload_timeout_s={change.target.reload_timeout_s:g}: "
+                + waiting
+            )
+        await asyncio.wait({failed}, timeout=_GATE_POLL_S)
+    on_phase(change, "warming_up")
+    for replica in new.replicas:
+        await _warm_up(new, replica, deadline, failed)
+
+
+async def _warm_up(
+    pool: PoolRuntime, replica: ReplicaState, deadline: float, failed: asyncio.Future[str]
+) -> None:
+    """The model is really served: a one-token request, as a client would send it. An
+    engine that refuses one route (an embedding model has no chat) is asked the next."""
+    model = pool.upstream_model[replica.replica_id]
+    bodies = {
+        Endpoint.CHAT: {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 1,
+        },
+        Endpoint.COMPLETIONS: {"model": model, "prompt": "Hello", "max_tokens": 1},
+        Endpoint.EMBEDDINGS: {"model": model, "input": "Hello"},
+    }
+    refusal = "it serves none of chat, completions, embeddings"
+    for endpoint, body in bodies.items():
+        if endpoint not in replica.backend.endpoints:
+            continue
+        call = UpstreamCall(
+            endpoint,
+            msgspec.json.encode(body),
+            stream=False,
+            request_id=f"reload-{replica.replica_id}",
+        )
+        try:
+            response = await replica.backend.send(call, Limits(deadline=deadline))
+            try:
+                await response.read()
+            finally:
+                await response.aclose()
+            return
+        except BackendRejected as exc:
+            refusal = f"{endpoint.value}: {exc.message}"
+        except BackendError as exc:
+            if failed.done():  # the process died under the request: its words say more
+                raise BringUpFailed(failed.result()) from None
+            refusal = exc.message
+            break
+    raise BringUpFailed(
+        f"replica {replica.replica_id} is healthy but did not serve model {model!r}: {refusal}"
+    )
+
+
+def switch(state: GatewayState, changes: list[Change], config: Config) -> None:
+    """Atomic for the data plane: no await from the first assignment to the last."""
+    for change in changes:
+        old, new = change.old, change.new
+        if new is not None:
+            change.switched = True
+            if old is not None:
+                _carry_counters(change, old, new)
+            state.pools[change.pool_id] = new
+            if config.metrics.extended:
+                for replica in new.replicas:
+                    state.latency.setdefault(replica.replica_id, ReplicaLatency())
+        else:
+            del state.pools[change.pool_id]
+    if any(c.new is None for c in changes):  # keep the config file's pool order
+        order = [p.id for p in config.pools]
+        state.pools = {pool_id: state.pools[pool_id] for pool_id in order}
+    state.config = config
+    state.reindex()
+    _mark_retired_models(state, changes)
+    state.retiring.extend(c.old for c in changes if c.old is not None)
+
+
+def _mark_retired_models(state: GatewayState, changes: list[Change]) -> None:
+    """A replaced pool's model that no pool serves any more is ``Retired``; a model a
+    reload brings back is ``Active`` again."""
+    active = set(state.models.names())
+    now = time.time()
+    for change in changes:
+        if change.old is not None and change.old.canonical not in active:
+            state.retired_models[change.old.canonical] = now
+    for name in active:
+        state.retired_models.pop(name, None)
+
+
+async def retire(state: GatewayState, change: Change) -> None:
+    """Let the old set finish what it holds (at most the pool's ``total_s``), then stop."""
+    old = change.old
+    assert old is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + old.config.timeouts.total_s
+    try:
+        while not old.idle() and loop.time() < deadline:
+            await asyncio.sleep(_RETIRE_POLL_S)
+        old.queue.close(PoolClosed("the pool was reloaded; retry", retry_after_s=1.0))
+        if not old.idle():
+            log.warning("pool %s: ending requests still on the retired set", change.pool_id)
+            for replica in old.replicas:
+                replica.backend.interrupt("the pool was reloaded")
+        current = state.pools.get(change.pool_id)
+        for replica, at_switch in change.carried:
+            heir = same_replica(current, replica.replica_id)
+            if heir is not None:
+                heir.add_counters(replica.counters().since(at_switch))
+    finally:
+        await old.stop()
+        if old in state.retiring:
+            state.retiring.remove(old)
+        log.info("pool %s: previous replica set retired", change.pool_id)
+
+
+def _carry_counters(change: Change, old: PoolRuntime, new: PoolRuntime) -> None:
+    """Totals continue across a reload for replicas that keep their id; what the old set
+    still adds while it finishes is carried over when it retires."""
+    new.retried += old.retried
+    new.queue.rejected.update(old.queue.rejected)
+    for replica in old.replicas:
+        heir = same_replica(new, replica.replica_id)
+        if heir is not None:
+            at_switch = replica.counters()
+            heir.add_counters(at_switch)
+            change.carried.append((replica, at_switch))
+
+
+def same_replica(pool: PoolRuntime | None, replica_id: str) -> ReplicaState | None:
+    if pool is None:
+        return None
+    return next((r for r in pool.replicas if r.replica_id == replica_id), None)
