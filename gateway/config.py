@@ -83,6 +83,7 @@ class EjectionConfig(Strict):
     max_cooldown_s: Annotated[float, Meta(gt=0)] = 300.0
 
 
+SwapStrategy = Literal["blue_green", "replace"]
 Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 ModelNames = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
 Replicas = Annotated[list[ReplicaConfig], Meta(min_length=1)]
@@ -111,6 +112,9 @@ class PoolConfig(Strict):
     ejection: EjectionConfig = EjectionConfig()
     # a reload's new replica set must be healthy and answer a warm-up request within this
     reload_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    # blue_green: the new set starts beside the running one (needs room for both);
+    # replace: requests wait while the old set finishes, stops, and the new one starts
+    swap_strategy: SwapStrategy = "blue_green"
     variants: list[PoolVariant] = []
 
 

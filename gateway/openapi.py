@@ -272,6 +272,7 @@ def _lifecycle_paths() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "properties": {
+            "strategy": {"type": "string", "enum": ["blue_green", "replace"]},
             "variant": {"type": "string"},
             "models": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
             "replicas": {"type": "array", "items": {"type": "object"}, "minItems": 1},

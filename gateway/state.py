@@ -18,7 +18,7 @@ from gateway.config import Config, PoolConfig
 from gateway.metrics import ReplicaLatency
 from gateway.tasks import TaskBook
 from gateway.wire import models_list
-from policies.admission import AdmissionQueue, PoolClosed
+from policies.admission import AdmissionQueue, PoolClosed, QueueFull, QueueTimeout
 from policies.health import Ejector, HealthMonitor, mark_unreachable
 from policies.replicas import ReplicaState
 from policies.retry import RetryBudget, RetryPolicy
@@ -123,6 +123,17 @@ class PoolRuntime:
         return self.replicas[0].engine
 
 
+class Hold:
+    """A pool swapping its model in place (``swap_strategy = "replace"``): requests wait
+    here, within the pool's queue capacity and queue timeout, instead of failing."""
+
+    __slots__ = ("released", "waiting")
+
+    def __init__(self) -> None:
+        self.released = asyncio.Event()
+        self.waiting = 0
+
+
 class GatewayState:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -130,6 +141,7 @@ class GatewayState:
         # pools a reload replaced: no new requests, finishing what they hold (gateway.lifecycle)
         self.retiring: list[PoolRuntime] = []
         self.retired_models: dict[str, float] = {}  # model id -> when it stopped being served
+        self.holds: dict[str, Hold] = {}  # pools swapping in place (gateway.lifecycle)
         self.started_at = int(time.time())
         self.tasks = TaskBook(config.tasks)
         self.draining = False
@@ -151,6 +163,30 @@ class GatewayState:
         self.models_body = models_list(
             [(name, p.models[0], p.id) for p in configs for name in p.models], self.started_at
         )
+
+    async def settled(self, pool: PoolRuntime) -> PoolRuntime:
+        """The pool that serves ``pool.id`` once no in-place swap holds it. The data plane
+        calls this only while ``holds`` is not empty. Raises ``QueueFull`` (beyond the
+        queue capacity), ``QueueTimeout`` or ``PoolClosed`` (removed meanwhile)."""
+        hold = self.holds.get(pool.id)
+        if hold is None:
+            return pool
+        if hold.waiting >= pool.config.queue_capacity:
+            pool.queue.rejected[QueueFull.reason] += 1
+            raise QueueFull("the pool's queue is full while it swaps its model", retry_after_s=5)
+        hold.waiting += 1
+        try:
+            async with asyncio.timeout(pool.config.queue_timeout_s):
+                await hold.released.wait()
+        except TimeoutError:
+            pool.queue.rejected[QueueTimeout.reason] += 1
+            raise QueueTimeout("the pool is still swapping its model", retry_after_s=5) from None
+        finally:
+            hold.waiting -= 1
+        settled = self.pools.get(pool.id)
+        if settled is None:
+            raise PoolClosed("the pool was removed by a reload", retry_after_s=1)
+        return settled
 
     def all_replicas(self) -> list[ReplicaState]:
         return [r for pool in self.pools.values() for r in pool.replicas]

@@ -37,7 +37,9 @@ def llama_launch(slots: int, context: int) -> str:
     )
 
 
-def write_config(path: Path, *, port: int, replica_port: int, extra: str = "") -> None:
+def write_config(
+    path: Path, *, port: int, replica_port: int, extra: str = "", pool_extra: str = ""
+) -> None:
     model = test_assets.smollm2_model()
     path.write_text(
         f"""
@@ -49,6 +51,7 @@ id = "chat"
 models = ["smollm2-a", "chat"]
 reload_timeout_s = 60
 health_interval_s = 0.5
+{pool_extra}
 
 [[pools.replicas]]
 id = "r0"
@@ -150,9 +153,12 @@ class Traffic:
 
 
 @contextmanager
-def chat_gateway(tmp_path: Path, extra: str = "") -> Iterator[Any]:
+def chat_gateway(tmp_path: Path, extra: str = "", pool_extra: str = "") -> Iterator[Any]:
     config_path = tmp_path / "orchgate.toml"
-    write_config(config_path, port=free_port(), replica_port=free_port(), extra=extra)
+    write_config(
+        config_path, port=free_port(), replica_port=free_port(), extra=extra,
+        pool_extra=pool_extra,
+    )  # fmt: skip
     with run_gateway(load_config(config_path, env={}), tmp_path, config_path) as gw:
         assert wait_until(lambda: gw.state.pools["chat"].queue.is_ready(), timeout=60)
         yield gw
@@ -411,3 +417,43 @@ def test_swap_from_the_status_page_under_load_respecting_the_lock(tmp_path: Path
         browser.screenshot(tmp_path / "status-swap.png")
         traffic.wait_for(3)
     assert traffic.failures == [], traffic.failures
+
+
+def test_replace_swap_holds_requests_instead_of_running_two_sets(tmp_path: Path) -> None:
+    """``swap_strategy = "replace"``, for a GPU that cannot hold both models: requests that
+    arrive during the swap wait; the old server stops before the new one starts on the same
+    port; a broken setting brings the previous one back. Nothing fails either way."""
+    with chat_gateway(tmp_path, BROKEN_VARIANT, 'swap_strategy = "replace"') as gw:
+        configured = load_config(tmp_path / "orchgate.toml", env={}).pools[0].replicas[0].url
+        with Traffic(gw.url) as traffic:
+            traffic.wait_for(6)
+            old_pids = llama_pids(gw)
+            started = time.monotonic()
+            swapped = httpx.post(
+                f"{gw.url}/v1/pools/chat/reload", json={"variant": "b"}, timeout=90
+            )
+            took = time.monotonic() - started
+            assert swapped.status_code == 200, swapped.text
+            # the same address: the old server was gone before the new one started
+            assert swapped.json()["replicas"][0]["url"] == configured
+            assert all(not _alive(pid) for pid in old_pids)
+            assert gw.state.pools["chat"].queue.ready_slots() == 4
+            traffic.wait_for(6)
+
+            # a broken setting: the previous one (b) is started again, requests wait for it
+            failed = httpx.post(
+                f"{gw.url}/v1/pools/chat/reload", json={"variant": "broken"}, timeout=90
+            )
+            assert failed.status_code == 502, failed.text
+            assert "cannot load the weights" in failed.json()["error"]["message"]
+            assert "did not come back" not in failed.json()["error"]["message"]
+            assert gw.state.pools["chat"].variant == "b" and not gw.state.holds
+            assert gw.state.pools["chat"].queue.ready_slots() == 4
+            traffic.wait_for(6)
+        assert traffic.failures == [], traffic.failures
+        assert traffic.tasks_ok >= 2
+        states = model_states(gw.url)
+        assert states[("smollm2-b", "Active")] == 1 and states[("smollm2-a", "Retired")] == 1
+    print(
+        f"\nreplace swap {took:.2f}s, {traffic.ok} requests and {traffic.tasks_ok} tasks, 0 failed"
+    )

@@ -24,6 +24,7 @@ from gateway.config import (
     ModelNames,
     PoolConfig,
     Replicas,
+    SwapStrategy,
     load_config,
     validate,
 )
@@ -35,7 +36,16 @@ from gateway.errors import (
     ReloadFailedError,
 )
 from gateway.lifecycle.preflight import check_fit, nvml_free_vram, relocate_ports
-from gateway.lifecycle.transition import BringUpFailed, Change, bring_up, retire, switch
+from gateway.lifecycle.transition import (
+    BringUpFailed,
+    Change,
+    bring_up,
+    release_hold,
+    replace_in_place,
+    restore,
+    retire,
+    switch,
+)
 from gateway.state import GatewayState, PoolRuntime
 from gateway.webhooks import Webhooks
 from policies.reservation import Locked, ReservationBook
@@ -48,8 +58,10 @@ DEFAULT_VARIANT = "default"
 class ReloadRequest(Strict):
     """``POST /v1/pools/{id}/reload`` body. Empty: the pool as the config file defines it
     now. ``variant``: one of the pool's ``[[pools.variants]]`` (or ``"default"``).
-    Otherwise ``models`` / ``replicas`` / ``max_context_tokens`` replace the running ones."""
+    Otherwise ``models`` / ``replicas`` / ``max_context_tokens`` replace the running ones.
+    ``strategy`` overrides the pool's ``swap_strategy`` for this reload."""
 
+    strategy: SwapStrategy | None = None
     variant: str | None = None
     models: ModelNames | None = None
     replicas: Replicas | None = None
@@ -96,7 +108,8 @@ class Lifecycle:
         async with self._exclusive():
             target, variant = await self._target(pool, request)
             config = self._running_config_with(target)
-            results = await self._apply([Change(pool_id, pool, target, variant)], config, trigger)
+            change = Change(pool_id, pool, target, variant, request.strategy)
+            results = await self._apply([change], config, trigger)
             if request.is_empty():  # this pool now runs as the file says: a later whole-file
                 pools = [target if p.id == pool_id else p for p in self.file_config.pools]
                 self.file_config = msgspec.structs.replace(self.file_config, pools=pools)
@@ -257,14 +270,18 @@ class Lifecycle:
                 self._progress(change, "starting", trigger=trigger, started=started)
         starting = [c for c in changes if c.target is not None]
         self._starting.update(c for c in starting)
-        outcomes = await asyncio.gather(
-            *(bring_up(c, self._progress) for c in starting), return_exceptions=True
-        )
-        if any(isinstance(o, BaseException) for o in outcomes):
-            await self._roll_back(
-                changes, list(zip(starting, outcomes, strict=True)), trigger, started
+        try:
+            outcomes = await asyncio.gather(
+                *(self._start(c) for c in starting), return_exceptions=True
             )
-        switch(self.state, changes, config)
+            if any(isinstance(o, BaseException) for o in outcomes):
+                await self._roll_back(
+                    changes, list(zip(starting, outcomes, strict=True)), trigger, started
+                )
+            switch(self.state, changes, config)
+        finally:  # requests held by an in-place swap go on, to whatever serves the pool now
+            for change in changes:
+                release_hold(self.state, change.pool_id)
         self._starting.difference_update(changes)
         for change in changes:
             if change.old is not None:
@@ -289,6 +306,12 @@ class Lifecycle:
             )
         return results
 
+    async def _start(self, change: Change) -> None:
+        if change.strategy == "replace":
+            await replace_in_place(self.state, change, self._progress)
+        else:
+            await bring_up(change, self._progress)
+
     async def _roll_back(
         self,
         changes: list[Change],
@@ -296,9 +319,14 @@ class Lifecycle:
         trigger: str,
         started: float,
     ) -> None:
-        """Stop every new set; the old ones never stopped serving."""
+        """Stop every new set; the old ones kept serving, except those replaced in place,
+        which are started again (their held requests wait for them)."""
         await asyncio.gather(*(c.new.stop() for c in changes if c.new is not None))
         self._starting.difference_update(changes)
+        restored = [c for c in changes if c.old_stopped]
+        problems = await asyncio.gather(*(restore(self.state, c, self._progress) for c in restored))
+        if restored:
+            self.state.reindex()
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         reasons = []
         failed_pools = {}
@@ -314,6 +342,12 @@ class Lifecycle:
             self._progress(change, "failed", error=reason, duration_ms=duration_ms)
             event = self._event(change, trigger, duration_ms)
             self.webhooks.emit("swap_failed", {**event, "error": reason, "rolled_back": True})
+        for change, problem in zip(restored, problems, strict=True):
+            if problem is not None:
+                failed_pools[change.pool_id] += (
+                    f"; the previous setting did not come back: {problem}"
+                )
+                reasons.append(f"pool {change.pool_id}: previous setting not back yet: {problem}")
         log.warning("reload rolled back after %.0f ms: %s", duration_ms, "; ".join(reasons))
         raise ReloadFailedError(
             "reload failed and was rolled back; the previous replicas kept serving: "

@@ -30,10 +30,13 @@ class InsufficientMemory(Conflict):
 
 def relocate_ports(state: GatewayState, changes: list[Change]) -> None:
     """A managed replica whose address the running (or retiring) sets still hold is
-    launched on a free port instead: both sets must run side by side until the switch."""
+    launched on a free port instead: both sets must run side by side until the switch.
+    A set replaced in place (``replace``) is stopped first: its addresses are reused."""
+    replaced = {id(c.old) for c in changes if c.strategy == "replace"}
     held = {
         _address(replica.backend.root)  # type: ignore[attr-defined]
         for pool in [*state.pools.values(), *state.retiring]
+        if id(pool) not in replaced
         for replica in pool.replicas
     }
     for change in changes:
@@ -65,32 +68,29 @@ async def check_fit(
     could not be checked."""
     warnings: list[str] = []
     needs: dict[int, list[tuple[str, FitEstimate, float | None]]] = {}
+    # what sets replaced in place give back before the new ones start
+    freed: dict[int, list[tuple[str, FitEstimate, float | None]]] = {}
     for change in changes:
         for replica in change.target.replicas if change.target is not None else []:
-            if replica.gpu_device is None or replica.model_path is None:
-                continue
-            try:
-                shape = await asyncio.to_thread(read_model, replica.model_path)
-            except ModelFileError as exc:
-                warnings.append(f"replica {replica.id}: fit not checked: {exc}")
-                continue
-            fit, utilisation = _replica_estimate(replica, shape)
-            needs.setdefault(replica.gpu_device, []).append((replica.id, fit, utilisation))
+            await _size(replica, needs, warnings)
+        if change.strategy == "replace" and change.old is not None:
+            for replica in change.old.config.replicas:
+                await _size(replica, freed, warnings)
     for device, wanted in needs.items():
         sample = await asyncio.to_thread(free_vram, device)
         if sample is None:
             warnings.append(f"GPU {device}: free VRAM unknown (no NVML); fit not checked")
             continue
         free, total = sample
-        required = sum(
-            max(fit.total_bytes, int(util * total)) if util else fit.total_bytes
-            for _, fit, util in wanted
-        )
+        given_back = _bytes(freed.get(device, []), total)
+        free += given_back
+        required = _bytes(wanted, total)
         if required > free:
             lines = "; ".join(f"{rid}: {fit.describe()}" for rid, fit, _ in wanted)
+            counting = " (counting what the replaced set gives back)" if given_back else ""
             raise InsufficientMemory(
                 f"the new replicas need {required / 2**20:,.0f} MiB on GPU {device}, which has "
-                f"{free / 2**20:,.0f} MiB free; nothing was changed. {lines}",
+                f"{free / 2**20:,.0f} MiB free{counting}; nothing was changed. {lines}",
                 extra={
                     "fit": {
                         "device": device,
@@ -101,6 +101,30 @@ async def check_fit(
                 },
             )
     return warnings
+
+
+async def _size(
+    replica: ReplicaConfig,
+    into: dict[int, list[tuple[str, FitEstimate, float | None]]],
+    warnings: list[str],
+) -> None:
+    if replica.gpu_device is None or replica.model_path is None:
+        return
+    try:
+        shape = await asyncio.to_thread(read_model, replica.model_path)
+    except ModelFileError as exc:
+        warnings.append(f"replica {replica.id}: fit not checked: {exc}")
+        return
+    fit, utilisation = _replica_estimate(replica, shape)
+    into.setdefault(replica.gpu_device, []).append((replica.id, fit, utilisation))
+
+
+def _bytes(sized: list[tuple[str, FitEstimate, float | None]], total: int) -> int:
+    """vLLM takes ``--gpu-memory-utilization`` of the card, whatever the model needs."""
+    return sum(
+        max(fit.total_bytes, int(util * total)) if util else fit.total_bytes
+        for _, fit, util in sized
+    )
 
 
 def nvml_free_vram(state: GatewayState, device: int) -> tuple[int, int] | None:

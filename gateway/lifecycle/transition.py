@@ -14,7 +14,7 @@ from backends.base import Endpoint, Limits, UpstreamCall
 from backends.errors import BackendError, BackendRejected
 from gateway.config import Config, PoolConfig
 from gateway.metrics import ReplicaLatency
-from gateway.state import GatewayState, PoolRuntime
+from gateway.state import GatewayState, Hold, PoolRuntime
 from policies.admission import PoolClosed
 from policies.replicas import Counters, ReplicaState
 
@@ -31,15 +31,27 @@ class BringUpFailed(Exception):
 class Change:
     """One pool's part of a reload: ``target`` None removes the pool."""
 
-    __slots__ = ("carried", "failed", "new", "old", "pool_id", "switched", "target", "variant")
+    __slots__ = (
+        "carried", "failed", "new", "old", "old_stopped", "pool_id", "strategy", "switched",
+        "target", "variant",
+    )  # fmt: skip
 
     def __init__(
-        self, pool_id: str, old: PoolRuntime | None, target: PoolConfig | None, variant: str
+        self,
+        pool_id: str,
+        old: PoolRuntime | None,
+        target: PoolConfig | None,
+        variant: str,
+        strategy: str | None = None,
     ) -> None:
         self.pool_id = pool_id
         self.old = old
         self.target = target
         self.variant = variant
+        # "replace" only makes sense when there is a set to replace
+        wanted = strategy or (target.swap_strategy if target is not None else "blue_green")
+        self.strategy = wanted if old is not None else "blue_green"
+        self.old_stopped = False
         self.new: PoolRuntime | None = None
         self.switched = False
         self.failed: asyncio.Future[str] | None = None
@@ -57,6 +69,58 @@ async def bring_up(change: Change, on_phase: Callable[[Change, str], None]) -> N
     except TimeoutError:
         raise BringUpFailed(f"not serving within reload_timeout_s={limit:g}") from None
     log.info("pool %s: new replica set is healthy and serving", change.pool_id)
+
+
+async def replace_in_place(
+    state: GatewayState, change: Change, on_phase: Callable[[Change, str], None]
+) -> None:
+    """``swap_strategy = "replace"``, for hosts that cannot run both sets at once: new
+    requests wait (``GatewayState.settled``), the old set finishes what it holds (at most
+    ``timeouts.total_s``) and stops, then the new set starts on the same addresses and is
+    gated. On failure the caller restores the old set (``restore``)."""
+    old = change.old
+    assert old is not None
+    state.holds[change.pool_id] = Hold()
+    on_phase(change, "draining")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + old.config.timeouts.total_s
+    while not old.idle() and loop.time() < deadline:
+        await asyncio.sleep(_RETIRE_POLL_S)
+    if not old.idle():
+        log.warning("pool %s: ending requests still on the replaced set", change.pool_id)
+        for replica in old.replicas:
+            replica.backend.interrupt("the pool is swapping its model")
+    on_phase(change, "stopping")
+    change.old_stopped = True
+    await old.stop()
+    await bring_up(change, on_phase)
+
+
+async def restore(
+    state: GatewayState, change: Change, on_phase: Callable[[Change, str], None]
+) -> str | None:
+    """After a failed in-place swap: start the previous setting again and route to it.
+    Returns why it did not come back, if it did not (it keeps trying, as any replica)."""
+    old = change.old
+    assert old is not None
+    back = Change(change.pool_id, None, old.config, old.variant)
+    problem = None
+    try:
+        await bring_up(back, on_phase)
+    except BringUpFailed as exc:
+        problem = str(exc)
+        log.error("pool %s: the previous setting did not come back: %s", change.pool_id, exc)
+    assert back.new is not None
+    back.switched = True
+    _carry_counters(change, old, back.new)
+    state.pools[change.pool_id] = back.new
+    return problem
+
+
+def release_hold(state: GatewayState, pool_id: str) -> None:
+    hold = state.holds.pop(pool_id, None)
+    if hold is not None:
+        hold.released.set()
 
 
 async def _gate(change: Change, on_phase: Callable[[Change, str], None]) -> None:

@@ -291,12 +291,12 @@ class OpenAIProxy:
         body = await read_body(scope, receive, self.max_body)
         priority = parse_priority(header(scope, b"x-priority"))
         if endpoint in WORKER_ENDPOINTS:
-            pool = self.worker_pool()
+            pool = await self._settled(self.worker_pool())
             ex.pool, ex.engine = pool.id, pool.engine
             return pool, priority, call_factory(pool, endpoint, body, None, False, rid)
         view = parse_routing_view(body, endpoint)
         model: str = view.model  # type: ignore[assignment]  # checked by the view
-        pool = self.pool_for(model)
+        pool = await self._settled(self.pool_for(model))
         _check_max_tokens(view, pool.config.max_context_tokens)
         stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
         hide_usage = stream and view.stream_options is None
@@ -304,6 +304,16 @@ class OpenAIProxy:
             body = with_stream_usage(body)
         ex.pool, ex.engine = pool.id, pool.engine
         return pool, priority, call_factory(pool, endpoint, body, model, stream, rid, hide_usage)
+
+    async def _settled(self, pool: PoolRuntime) -> PoolRuntime:
+        """``pool``, or what serves it after an in-place swap that holds it now (rare: one
+        dict check on the hot path)."""
+        if not self.state.holds:
+            return pool
+        try:
+            return await self.state.settled(pool)
+        except AdmissionError as error:
+            raise admission_error(error) from None
 
     async def _whole(
         self,

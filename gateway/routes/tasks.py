@@ -151,6 +151,22 @@ def _parse(state: GatewayState, raw: bytes) -> tuple[TaskRequest, PoolRuntime]:
     return req, pool
 
 
+async def _settle(state: GatewayState, raw: bytes) -> None:
+    _, pool = _parse(state, raw)
+    try:
+        await state.settled(pool)
+    except QueueFull as exc:
+        raise TaskError(
+            429, "ADMISSION_REJECT", str(exc), engine=pool.engine, retriable=True,
+            retry_after_s=exc.retry_after_s,
+        ) from None  # fmt: skip
+    except AdmissionError as exc:
+        raise TaskError(
+            503, "POOL_UNAVAILABLE", str(exc), engine=pool.engine, retriable=True,
+            retry_after_s=exc.retry_after_s,
+        ) from None  # fmt: skip
+
+
 def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
     """Validate a submit, admit it into its pool's queue (429/503 now, not later), start it."""
     req, pool = _parse(state, raw)
@@ -201,7 +217,10 @@ def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
 def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Router:
     @post("/v1/tasks", status_code=202)
     async def submit(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-        task = admit_task(state, book, await request.body())
+        raw = await request.body()
+        if state.holds:  # a pool swapping in place: submits wait for it, bounded
+            await _settle(state, raw)
+        task = admit_task(state, book, raw)
         return Response(
             {
                 "task_id": task.id,
