@@ -272,3 +272,27 @@ def test_a_reload_that_cannot_fit_the_gpu_is_refused_before_anything_starts(
         assert [r["id"] for r in status["replicas"]] == ["f0"]
         assert status["lifecycle"]["reload"] is None  # refused before it began
     assert "llama-server" not in gw.log() and "starting managed replica" not in gw.log()
+
+
+async def test_the_fit_check_counts_what_a_replace_swap_gives_back() -> None:
+    from gateway.config import config_from_mapping
+    from gateway.lifecycle.preflight import InsufficientMemory, check_fit
+    from gateway.lifecycle.transition import Change
+    from gateway.state import PoolRuntime
+
+    replica = {
+        "id": "g0", "engine": "llamacpp", "url": "http://127.0.0.1:9", "gpu_device": 0,
+        "model_path": str(test_assets.smollm2_model()), "launch": ["llama-server", "-c", "8192"],
+    }  # fmt: skip
+    config = config_from_mapping({"pools": [{"id": "p", "models": ["m"], "replicas": [replica]}]})
+    target = config.pools[0]
+    running = PoolRuntime(target)  # the same model runs now: ~805 MiB on GPU 0
+
+    def free_vram(device: int) -> tuple[int, int]:
+        return 512 * MIB, 80 * GIB
+
+    with pytest.raises(InsufficientMemory) as refused:
+        await check_fit([Change("p", running, target, "b", "blue_green")], free_vram)
+    assert "512 MiB free;" in refused.value.message
+    # in place, the running set's ~805 MiB come back first: 1,317 MiB for 805 needed
+    assert await check_fit([Change("p", running, target, "b", "replace")], free_vram) == []
