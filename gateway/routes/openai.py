@@ -291,12 +291,16 @@ class OpenAIProxy:
         body = await read_body(scope, receive, self.max_body)
         priority = parse_priority(header(scope, b"x-priority"))
         if endpoint in WORKER_ENDPOINTS:
-            pool = await self._settled(self.worker_pool())
+            pool = self.worker_pool()
+            if self.state.holds:  # an in-place swap holds a pool (rare)
+                pool = await self._settled(pool)
             ex.pool, ex.engine = pool.id, pool.engine
             return pool, priority, call_factory(pool, endpoint, body, None, False, rid)
         view = parse_routing_view(body, endpoint)
         model: str = view.model  # type: ignore[assignment]  # checked by the view
-        pool = await self._settled(self.pool_for(model))
+        pool = self.pool_for(model)
+        if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
+            pool = await self._settled(pool)
         _check_max_tokens(view, pool.config.max_context_tokens)
         stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
         hide_usage = stream and view.stream_options is None
@@ -306,10 +310,7 @@ class OpenAIProxy:
         return pool, priority, call_factory(pool, endpoint, body, model, stream, rid, hide_usage)
 
     async def _settled(self, pool: PoolRuntime) -> PoolRuntime:
-        """``pool``, or what serves it after an in-place swap that holds it now (rare: one
-        dict check on the hot path)."""
-        if not self.state.holds:
-            return pool
+        """``pool``, or what serves it once the in-place swap holding it is over."""
         try:
             return await self.state.settled(pool)
         except AdmissionError as error:
