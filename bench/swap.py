@@ -10,6 +10,7 @@ latency while a swap is running against the rest of the run.
 
     python -m bench.swap                          # 6 swaps, 8 clients, about a minute
     python -m bench.swap --swaps 2 --clients 4    # quick look
+    python -m bench.swap --strategy replace       # in-place swaps (requests wait)
 
 Writes ``bench/results/swap-<utc>.json``.
 """
@@ -41,7 +42,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config_text(port: int, replica_port: int) -> str:
+def config_text(port: int, replica_port: int, strategy: str = "blue_green") -> str:
     binary, model = test_assets.llama_server(), test_assets.smollm2_model()
 
     def launch(slots: int, context: int) -> str:
@@ -56,7 +57,8 @@ def config_text(port: int, replica_port: int) -> str:
     )
     return (
         f'[server]\nbind = "127.0.0.1:{port}"\naccess_log = false\n\n'
-        f'[[pools]]\nid = "chat"\nmodels = ["smollm2-a", "chat"]\nhealth_interval_s = 0.5\n\n'
+        f'[[pools]]\nid = "chat"\nmodels = ["smollm2-a", "chat"]\nhealth_interval_s = 0.5\n'
+        f'swap_strategy = "{strategy}"\n\n'
         f"[[pools.replicas]]\n{replica}launch = {launch(2, 2048)}\n\n"
         f'[[pools.variants]]\nid = "b"\nmodels = ["smollm2-b", "chat"]\n\n'
         f"[[pools.variants.replicas]]\n{replica}launch = {launch(4, 4096)}\n"
@@ -108,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "orchgate.toml"
-        config.write_text(config_text(port, free_port()))
+        config.write_text(config_text(port, free_port(), args.strategy))
         log = open(Path(tmp) / "gateway.log", "wb")
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config),
@@ -155,6 +157,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     steady = [e - s for s, e in load.done if not during_swap(s, e)]
     seconds = [s["seconds"] for s in swaps]
     return {
+        "strategy": args.strategy,
         "clients": args.clients,
         "swaps": [{k: v for k, v in s.items() if k not in ("start", "end")} for s in swaps],
         "swap_seconds_median": round(statistics.median(seconds), 3),
@@ -179,6 +182,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--swaps", type=int, default=6)
     parser.add_argument("--every", type=float, default=5.0, help="seconds between swaps")
+    parser.add_argument(
+        "--strategy", choices=["blue_green", "replace"], default="blue_green",
+        help="the pool's swap_strategy",
+    )  # fmt: skip
     args = parser.parse_args()
     report = asyncio.run(run(args))
     out = REPO / "bench" / "results" / time.strftime("swap-%Y%m%dT%H%M%SZ.json", time.gmtime())
