@@ -275,16 +275,20 @@ class Http1Connection(asyncio.Protocol):
             self.response._fail(error)
 
 
+def address(url: str) -> tuple[str, int]:
+    """``(host, port)`` of an http(s) URL, the port defaulted by its scheme."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"unsupported upstream URL {url!r}")
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class Http1Pool:
     """Keep-alive connections to one upstream origin."""
 
     def __init__(self, url: str, *, connect_timeout_s: float, max_idle: int = 1024) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"unsupported upstream URL {url!r}")
-        self.host = parts.hostname
-        self.tls = parts.scheme == "https"
-        self.port = parts.port or (443 if self.tls else 80)
+        self.host, self.port = address(url)
+        self.tls = url[:6].lower() == "https:"  # address() allowed only http and https
         default_port = 443 if self.tls else 80
         self.host_header = (
             self.host if self.port == default_port else f"{self.host}:{self.port}"

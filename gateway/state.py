@@ -188,6 +188,10 @@ class GatewayState:
             raise PoolClosed("the pool was removed by a reload", retry_after_s=1)
         return settled
 
+    def running_pools(self) -> list[PoolRuntime]:
+        """Pools serving now and those a reload replaced that are still finishing."""
+        return [*self.pools.values(), *self.retiring]
+
     def all_replicas(self) -> list[ReplicaState]:
         return [r for pool in self.pools.values() for r in pool.replicas]
 
@@ -237,7 +241,7 @@ class GatewayState:
         self._grace_ends = loop.time() + grace_s
         log.warning("draining: %s running, %s queued", self._running(), self._queued())
         retry_after = max(1.0, grace_s)
-        for pool in [*self.pools.values(), *self.retiring]:
+        for pool in self.running_pools():
             pool.queue.close(PoolClosed(SHUTDOWN_MESSAGE, retry_after_s=retry_after))
         loop.call_later(grace_s, self.end_grace)
 
@@ -247,12 +251,12 @@ class GatewayState:
         running = self._running()
         if running:
             log.warning("grace period over: ending %s running requests", running)
-        for pool in [*self.pools.values(), *self.retiring]:
+        for pool in self.running_pools():
             for replica in pool.replicas:
                 replica.backend.interrupt(SHUTDOWN_MESSAGE)
 
     def _running(self) -> int:
-        return sum(pool.queue.in_use() for pool in [*self.pools.values(), *self.retiring])
+        return sum(pool.queue.in_use() for pool in self.running_pools())
 
     def _queued(self) -> int:
         return sum(pool.queue.depth() for pool in self.pools.values())
@@ -268,5 +272,5 @@ class GatewayState:
             await asyncio.gather(self._gpu_poller, return_exceptions=True)
         if self.nvml is not None:
             self.nvml.close()
-        pools = [*self.pools.values(), *self.retiring]
+        pools = self.running_pools()
         await asyncio.gather(*(pool.stop() for pool in pools))

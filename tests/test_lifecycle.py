@@ -29,18 +29,22 @@ from tests.prom import scrape, value
 pytestmark = pytest.mark.llamacpp
 
 
-def llama_launch(slots: int, context: int) -> str:
-    binary = test_assets.llama_server()
-    return (
+def llama_replica(port: int, slots: int, context: int) -> str:
+    """The keys of a managed llama-server replica ``r0`` serving SmolLM2."""
+    binary, model = test_assets.llama_server(), test_assets.smollm2_model()
+    launch = (
         f'["{binary}", "-m", "{{model}}", "--host", "{{host}}", "--port", "{{port}}", '
         f'"-np", "{slots}", "-c", "{context}", "-t", "1", "--no-webui"]'
+    )
+    return (
+        f'id = "r0"\nengine = "llamacpp"\nurl = "http://127.0.0.1:{port}"\n'
+        f'model_path = "{model}"\nlaunch = {launch}\n'
     )
 
 
 def write_config(
     path: Path, *, port: int, replica_port: int, extra: str = "", pool_extra: str = ""
 ) -> None:
-    model = test_assets.smollm2_model()
     path.write_text(
         f"""
 [server]
@@ -54,23 +58,13 @@ health_interval_s = 0.5
 {pool_extra}
 
 [[pools.replicas]]
-id = "r0"
-engine = "llamacpp"
-url = "http://127.0.0.1:{replica_port}"
-model_path = "{model}"
-launch = {llama_launch(2, 1024)}
-
+{llama_replica(replica_port, 2, 1024)}
 [[pools.variants]]
 id = "b"
 models = ["smollm2-b", "chat"]
 
 [[pools.variants.replicas]]
-id = "r0"
-engine = "llamacpp"
-url = "http://127.0.0.1:{replica_port}"
-model_path = "{model}"
-launch = {llama_launch(4, 4096)}
-{extra}"""
+{llama_replica(replica_port, 4, 4096)}{extra}"""
     )
 
 

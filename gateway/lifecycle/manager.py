@@ -175,12 +175,7 @@ class Lifecycle:
 
     def _running_config_with(self, target: PoolConfig) -> Config:
         pools = [target if p.id == target.id else p.config for p in self.state.pools.values()]
-        config = msgspec.structs.replace(self.state.config, pools=pools)
-        try:
-            validate(config)
-        except ConfigError as exc:
-            raise InvalidConfigError(f"not applied: {exc}") from None
-        return config
+        return _validated(msgspec.structs.replace(self.state.config, pools=pools))
 
     # -- whole config file ---------------------------------------------------------------
     async def reload_config(self, token: str | None = None, trigger: str = "api") -> dict[str, Any]:
@@ -205,17 +200,15 @@ class Lifecycle:
                 self.state.pools[p.id].config if outcome[p.id] == "unchanged" else p
                 for p in fresh.pools
             ]
-            running_config = msgspec.structs.replace(
-                fresh,
-                pools=pools,
-                server=self.state.config.server,
-                tasks=self.state.config.tasks,
-                metrics=self.state.config.metrics,
+            running_config = _validated(
+                msgspec.structs.replace(
+                    fresh,
+                    pools=pools,
+                    server=self.state.config.server,
+                    tasks=self.state.config.tasks,
+                    metrics=self.state.config.metrics,
+                )
             )
-            try:
-                validate(running_config)
-            except ConfigError as exc:
-                raise InvalidConfigError(f"not applied: {exc}") from None
             results = await self._apply(changes, running_config, trigger) if changes else {}
             self.state.config = running_config
             self.auth.set_token(fresh.auth.token)
@@ -267,9 +260,9 @@ class Lifecycle:
         )
         for change in changes:
             if change.target is not None:
-                self._progress(change, "starting", trigger=trigger, started=started)
+                self._progress(change, "starting", trigger=trigger)
         starting = [c for c in changes if c.target is not None]
-        self._starting.update(c for c in starting)
+        self._starting.update(starting)
         try:
             outcomes = await asyncio.gather(
                 *(self._start(c) for c in starting), return_exceptions=True
@@ -324,9 +317,8 @@ class Lifecycle:
         await asyncio.gather(*(c.new.stop() for c in changes if c.new is not None))
         self._starting.difference_update(changes)
         restored = [c for c in changes if c.old_stopped]
+        # a restored pool runs its previous config: model names and routing are unchanged
         problems = await asyncio.gather(*(restore(self.state, c, self._progress) for c in restored))
-        if restored:
-            self.state.reindex()
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         reasons = []
         failed_pools = {}
@@ -382,7 +374,6 @@ class Lifecycle:
                 started_at=round(time.time(), 3),
                 trigger=fields.pop("trigger"),
             )
-            fields.pop("started", None)
         record["state"] = phase
         record.update(fields)
 
@@ -392,9 +383,7 @@ class Lifecycle:
             "pool": change.pool_id,
             "status": "removed" if change.new is None else "swapped",
             "duration_ms": duration_ms,
-            "previous": None
-            if old is None
-            else {"variant": old.variant, "models": old.config.models},
+            "previous": _previous(old),
             "warnings": warnings,
         }
         if change.new is not None:
@@ -413,14 +402,11 @@ class Lifecycle:
     @staticmethod
     def _event(change: Change, trigger: str, duration_ms: float) -> dict[str, Any]:
         target = change.target
-        old = change.old
         return {
             "pool_id": change.pool_id,
             "variant": change.variant if target is not None else None,
             "models": target.models if target is not None else [],
-            "previous": None
-            if old is None
-            else {"variant": old.variant, "models": old.config.models},
+            "previous": _previous(change.old),
             "trigger": trigger,
             "duration_ms": duration_ms,
         }
@@ -449,3 +435,16 @@ class Lifecycle:
         pools = [c.new for c in self._starting if c.new is not None]
         await asyncio.gather(*(pool.stop() for pool in pools), return_exceptions=True)
         self._starting.clear()
+
+
+def _validated(config: Config) -> Config:
+    try:
+        validate(config)
+    except ConfigError as exc:
+        raise InvalidConfigError(f"not applied: {exc}") from None
+    return config
+
+
+def _previous(old: PoolRuntime | None) -> dict[str, Any] | None:
+    """What a pool ran before a reload, for the answer and the webhook event."""
+    return None if old is None else {"variant": old.variant, "models": old.config.models}

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from backends.gpu import Nvml
+from backends.http1 import address
 from backends.model_file import ModelFileError, read_model
 from backends.openai_compat import replica_root
 from backends.registry import ReplicaConfig
@@ -34,8 +35,8 @@ def relocate_ports(state: GatewayState, changes: list[Change]) -> None:
     A set replaced in place (``replace``) is stopped first: its addresses are reused."""
     replaced = {id(c.old) for c in changes if c.strategy == "replace"}
     held = {
-        _address(replica.backend.root)  # type: ignore[attr-defined]
-        for pool in [*state.pools.values(), *state.retiring]
+        address(replica.backend.root)  # type: ignore[attr-defined]
+        for pool in state.running_pools()
         if id(pool) not in replaced
         for replica in pool.replicas
     }
@@ -44,7 +45,7 @@ def relocate_ports(state: GatewayState, changes: list[Change]) -> None:
             continue
         replicas = []
         for replica in change.target.replicas:
-            host, port = _address(replica_root(replica.url))
+            host, port = address(replica_root(replica.url))
             if replica.launch is not None and (host, port) in held:
                 free = _free_port(host)
                 url = replica.url.replace(f":{port}", f":{free}", 1)
@@ -56,7 +57,7 @@ def relocate_ports(state: GatewayState, changes: list[Change]) -> None:
                     free,
                 )
                 replica = msgspec.structs.replace(replica, url=url)
-            held.add(_address(replica_root(replica.url)))
+            held.add(address(replica_root(replica.url)))
             replicas.append(replica)
         change.target = msgspec.structs.replace(change.target, replicas=replicas)
 
@@ -162,14 +163,6 @@ def _replica_estimate(replica: ReplicaConfig, shape: Any) -> tuple[FitEstimate, 
     engine = type(replica).__struct_config__.tag
     utilisation = number("gpu_memory_utilization", 0.9) if engine == "vllm" else None
     return fit, utilisation
-
-
-def _address(root: str) -> tuple[str, int]:
-    netloc = root.split("://", 1)[1].split("/", 1)[0]
-    host, _, port = netloc.rpartition(":")
-    if not host:
-        return netloc, 443 if root.startswith("https") else 80
-    return host.strip("[]"), int(port)
 
 
 def _free_port(host: str) -> int:

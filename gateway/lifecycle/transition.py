@@ -82,14 +82,7 @@ async def replace_in_place(
     assert old is not None
     state.holds[change.pool_id] = Hold()
     on_phase(change, "draining")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + old.config.timeouts.total_s
-    while not old.idle() and loop.time() < deadline:
-        await asyncio.sleep(_RETIRE_POLL_S)
-    if not old.idle():
-        log.warning("pool %s: ending requests still on the replaced set", change.pool_id)
-        for replica in old.replicas:
-            replica.backend.interrupt("the pool is swapping its model")
+    await _let_finish(old, "the pool is swapping its model")
     on_phase(change, "stopping")
     change.old_stopped = True
     await old.stop()
@@ -245,19 +238,11 @@ async def retire(state: GatewayState, change: Change) -> None:
     """Let the old set finish what it holds (at most the pool's ``total_s``), then stop."""
     old = change.old
     assert old is not None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + old.config.timeouts.total_s
     try:
-        while not old.idle() and loop.time() < deadline:
-            await asyncio.sleep(_RETIRE_POLL_S)
-        old.queue.close(PoolClosed("the pool was reloaded; retry", retry_after_s=1.0))
-        if not old.idle():
-            log.warning("pool %s: ending requests still on the retired set", change.pool_id)
-            for replica in old.replicas:
-                replica.backend.interrupt("the pool was reloaded")
+        await _let_finish(old, "the pool was reloaded")
         current = state.pools.get(change.pool_id)
         for replica, at_switch in change.carried:
-            heir = same_replica(current, replica.replica_id)
+            heir = _same_replica(current, replica.replica_id)
             if heir is not None:
                 heir.add_counters(replica.counters().since(at_switch))
     finally:
@@ -267,20 +252,34 @@ async def retire(state: GatewayState, change: Change) -> None:
         log.info("pool %s: previous replica set retired", change.pool_id)
 
 
+async def _let_finish(old: PoolRuntime, reason: str) -> None:
+    """Give a set that no longer receives requests the pool's ``total_s`` to finish what
+    it holds; then refuse whatever still waits (retriable) and end what still runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + old.config.timeouts.total_s
+    while not old.idle() and loop.time() < deadline:
+        await asyncio.sleep(_RETIRE_POLL_S)
+    old.queue.close(PoolClosed(f"{reason}; retry", retry_after_s=1.0))
+    if not old.idle():
+        log.warning("pool %s: ending requests still on the previous set", old.id)
+        for replica in old.replicas:
+            replica.backend.interrupt(reason)
+
+
 def _carry_counters(change: Change, old: PoolRuntime, new: PoolRuntime) -> None:
     """Totals continue across a reload for replicas that keep their id; what the old set
     still adds while it finishes is carried over when it retires."""
     new.retried += old.retried
     new.queue.rejected.update(old.queue.rejected)
     for replica in old.replicas:
-        heir = same_replica(new, replica.replica_id)
+        heir = _same_replica(new, replica.replica_id)
         if heir is not None:
             at_switch = replica.counters()
             heir.add_counters(at_switch)
             change.carried.append((replica, at_switch))
 
 
-def same_replica(pool: PoolRuntime | None, replica_id: str) -> ReplicaState | None:
+def _same_replica(pool: PoolRuntime | None, replica_id: str) -> ReplicaState | None:
     if pool is None:
         return None
     return next((r for r in pool.replicas if r.replica_id == replica_id), None)

@@ -65,10 +65,6 @@ async def _engine_load(replica: ReplicaState) -> ReplicaLoad | None:
         return None
 
 
-def _serving_pool(state: GatewayState, model: str) -> str | None:
-    return state.models.pool_for(model)
-
-
 def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, Any]:
     return {
         "id": replica.replica_id,
@@ -136,7 +132,7 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
             "tasks_active": state.tasks.active(),
             "pools": pools,
             "models": [
-                {"id": model, "state": model_state, "pool": _serving_pool(state, model)}
+                {"id": model, "state": model_state, "pool": state.models.pool_for(model)}
                 for model, model_state in models.items()
             ],
         }

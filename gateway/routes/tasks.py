@@ -151,20 +151,25 @@ def _parse(state: GatewayState, raw: bytes) -> tuple[TaskRequest, PoolRuntime]:
     return req, pool
 
 
+def _refused(exc: AdmissionError, engine: str) -> TaskError:
+    """An admission refusal in the task envelope: 429 when the queue is full, 503 else."""
+    if isinstance(exc, QueueFull):
+        status, code, message = 429, "ADMISSION_REJECT", str(exc)
+    elif isinstance(exc, PoolUnready):
+        status, code, message = 503, "POOL_UNREADY", "no replica of the pool is ready"
+    else:  # closed (shutting down, removed), or a swap outlasting the queue timeout
+        status, code, message = 503, "POOL_UNAVAILABLE", str(exc)
+    return TaskError(
+        status, code, message, engine=engine, retriable=True, retry_after_s=exc.retry_after_s
+    )
+
+
 async def _settle(state: GatewayState, raw: bytes) -> None:
     _, pool = _parse(state, raw)
     try:
         await state.settled(pool)
-    except QueueFull as exc:
-        raise TaskError(
-            429, "ADMISSION_REJECT", str(exc), engine=pool.engine, retriable=True,
-            retry_after_s=exc.retry_after_s,
-        ) from None  # fmt: skip
     except AdmissionError as exc:
-        raise TaskError(
-            503, "POOL_UNAVAILABLE", str(exc), engine=pool.engine, retriable=True,
-            retry_after_s=exc.retry_after_s,
-        ) from None  # fmt: skip
+        raise _refused(exc, pool.engine) from None
 
 
 def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
@@ -184,33 +189,8 @@ def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
         )
     try:
         ticket = pool.queue.enqueue(req.priority)
-    except QueueFull as exc:
-        raise TaskError(
-            429,
-            "ADMISSION_REJECT",
-            "the pool's queue is full",
-            engine=pool.engine,
-            retriable=True,
-            retry_after_s=exc.retry_after_s,
-        ) from None
-    except PoolUnready as exc:
-        raise TaskError(
-            503,
-            "POOL_UNREADY",
-            "no replica of the pool is ready",
-            engine=pool.engine,
-            retriable=True,
-            retry_after_s=exc.retry_after_s,
-        ) from None
-    except AdmissionError as exc:  # closed: the gateway is shutting down
-        raise TaskError(
-            503,
-            "POOL_UNAVAILABLE",
-            str(exc),
-            engine=pool.engine,
-            retriable=True,
-            retry_after_s=exc.retry_after_s,
-        ) from None
+    except AdmissionError as exc:
+        raise _refused(exc, pool.engine) from None
     return book.submit(task_id, pool, req.priority, ticket, payload, endpoint)
 
 
