@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from backends.hardware import HardwareProfile
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,18 +98,28 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hw(args: argparse.Namespace) -> int:
-    import msgspec
-
-    from backends.hardware import HardwareConfig, describe, detect
+def _hardware(args: argparse.Namespace) -> HardwareProfile | None:
+    """What this host has, ``--config``'s ``[hardware]`` keys winning; None (the error
+    printed) when that config is invalid."""
+    from backends.hardware import HardwareConfig, detect
 
     override = HardwareConfig()
     if args.config:
         config = _load(args.config)
         if config is None:
-            return 2
+            return None
         override = config.hardware
-    profile = detect(override)
+    return detect(override)
+
+
+def _hw(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from backends.hardware import describe
+
+    profile = _hardware(args)
+    if profile is None:
+        return 2
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(profile)).decode())
     else:
@@ -117,7 +130,7 @@ def _hw(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     import msgspec
 
-    from backends.hardware import GIB, detect
+    from backends.hardware import GIB
     from backends.model_file import ModelFileError, read_model
     from policies.fit import estimate
 
@@ -126,7 +139,9 @@ def _fit(args: argparse.Namespace) -> int:
     except ModelFileError as exc:
         print(f"orchgate fit: {exc}", file=sys.stderr)
         return 2
-    profile = detect(_load(args.config).hardware if args.config else None)  # type: ignore[union-attr]
+    profile = _hardware(args)
+    if profile is None:
+        return 2
     device = args.device or ("cuda" if profile.gpus else "cpu")
     fit = estimate(
         shape,

@@ -216,6 +216,17 @@ def test_orchgate_fit_prints_the_breakdown_and_the_verdict() -> None:
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
+def test_hw_and_fit_refuse_an_invalid_config_cleanly(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nbogus = 1\n")
+    model = str(test_assets.smollm2_model())
+    for args in (["hw", "--config", str(bad)], ["fit", model, "--config", str(bad)]):
+        result = orchgate(*args)
+        assert result.returncode == 2, result.stderr
+        assert "invalid config" in result.stderr and "bogus" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_config_json_models_are_estimated_from_their_architecture(tmp_path: Path) -> None:
     # Llama-3.1-8B's published config: 8.03B parameters
     (tmp_path / "config.json").write_text(
