@@ -395,7 +395,22 @@ class Http1Pool:
         return response
 
     def build(self, method: bytes, path: bytes, headers: bytes, body: bytes = b"") -> bytes:
-        """Serialise a request. ``headers`` are complete ``Name: value\\r\\n`` lines."""
+        """Serialise a request. ``headers`` are complete ``Name: value\\r\\n`` lines.
+
+        Refuses a head that a value could have split (a CR or LF that is not a line end,
+        an empty line): lenient servers would read the rest as a second request or as the
+        body, the gateway's upstream key with it. Four C-level scans of ~100 bytes."""
+        crlf = headers.count(b"\r\n")
+        if (
+            headers.count(b"\n") != crlf
+            or headers.count(b"\r") != crlf
+            or b"\r\n\r\n" in headers
+            or headers.startswith(b"\r\n")
+            or b"\r" in path
+            or b"\n" in path
+            or b" " in path
+        ):
+            raise ValueError("refusing an upstream request head with a stray CR or LF")
         return b"".join(
             (
                 method,

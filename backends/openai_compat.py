@@ -42,7 +42,7 @@ _MAX_ERROR_BODY = 64 * 1024
 class HttpReplicaConfig(Strict, tag_field="engine"):
     """Keys every HTTP engine accepts under ``[[pools.replicas]]``."""
 
-    id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+\Z")]
     url: Annotated[str, Meta(pattern=r"^https?://")]
     slots: Annotated[int, Meta(ge=1, le=4096)] | None = None
     upstream_model: str | None = None

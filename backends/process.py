@@ -4,8 +4,9 @@ The child runs in its own session (its process group is signalled as a whole) an
 Linux, gets SIGTERM if the gateway itself dies, so no orphan outlives the gateway. Exits
 are restarted with exponential backoff (1 s doubling to 30 s, reset after a minute of
 uptime); readiness is left to the health probes. The child's output is passed through to
-the gateway's stderr as it comes, and its last lines are kept: a reload that fails
-because a replica would not start answers with them (``llama_model_load: failed ...``).
+the gateway's stderr as it comes at ``--log-level debug`` only (engines can print what they
+serve), and its last lines are always kept: a reload that fails because a replica would
+not start answers with them (``llama_model_load: failed ...``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class ManagedProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"process:{self.name}")
 
     async def _spawn(self) -> None:
-        log.info("starting managed replica %s", self.name)
+        log.info("starting managed replica %s (its output: --log-level debug)", self.name)
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -81,11 +82,14 @@ class ManagedProcess:
             if not line:
                 return
             text = line.decode(errors="replace")
-            try:
-                sys.stderr.write(text)
-                sys.stderr.flush()
-            except (OSError, ValueError):  # stderr closed: keep draining the pipe
-                pass
+            # an engine may print what it serves (llama-server -v prints prompts): passed
+            # through only when the operator asked for debug output
+            if log.isEnabledFor(logging.DEBUG):
+                try:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # stderr closed: keep draining the pipe
+                    pass
             self.tail.append(text.rstrip())
 
     def last_output(self, lines: int = 5) -> str:

@@ -29,12 +29,14 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
 )
+from gateway.frontdoor import FrontDoorLimits, FrontDoorProtocol, protocol_for
+from gateway.guard import RequestGuard
 from gateway.lifecycle import Lifecycle
 from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
 from gateway.routes.control import control_handlers
 from gateway.routes.lifecycle import lifecycle_handlers
-from gateway.routes.openai import OpenAIProxy, request_id
+from gateway.routes.openai import OpenAIProxy, fresh_request_id, request_id
 from gateway.routes.tasks import task_error_body, task_router
 from gateway.state import GatewayState
 from gateway.webhooks import Webhooks
@@ -133,7 +135,7 @@ def create_app(
 ) -> GatewayApp:
     """``config_path``: the file ``config`` came from, re-read by reloads (SIGHUP too)."""
     state = GatewayState(config)
-    auth = TokenCheck(config.auth.token)
+    auth = TokenCheck(config.auth.token, config.auth.admin_token)
     access_log = AccessLog(enabled=config.server.access_log, stream=access_log_stream)
     state.tasks.log = access_log
     proxy = OpenAIProxy(state, auth, access_log)
@@ -152,6 +154,11 @@ def create_app(
         # async: a sync guard would run in a thread pool on every request
         if connection.scope["path"].startswith("/v1/"):
             auth.check(connection.headers.get("authorization", "").encode() or None)
+
+    async def require_admin(
+        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        auth.check_admin(connection.headers.get("authorization", "").encode() or None)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -187,7 +194,7 @@ def create_app(
         route_handlers=[
             *_openai_routes(proxy),
             *control_handlers(state, lifecycle, guards=[require_token]),
-            *lifecycle_handlers(lifecycle, guards=[require_token]),
+            *lifecycle_handlers(lifecycle, guards=[require_token], admin=[require_admin]),
             task_router(state, state.tasks, guards=[require_token]),
             openapi,
         ],
@@ -211,7 +218,22 @@ def create_app(
         state,
         lifecycle,
         cors_origins=config.server.cors.allow_origins,
-        max_header_bytes=config.server.max_header_bytes,
+        guard=RequestGuard(
+            bind_host=config.host,
+            allowed_hosts=config.server.allowed_hosts,
+            cors_origins=config.server.cors.allow_origins,
+            max_header_bytes=config.server.max_header_bytes,
+        ),
+        front_door=protocol_for(
+            FrontDoorLimits(
+                max_header_bytes=config.server.max_header_bytes,
+                max_body_bytes=config.server.max_body_bytes,
+                header_timeout_s=config.server.header_timeout_s,
+                body_timeout_s=config.server.body_timeout_s,
+                max_connections=config.server.max_connections,
+            ),
+            _front_door_answer,
+        ),
         access_log=access_log,
     )
 
@@ -220,11 +242,16 @@ _encoder = msgspec.json.Encoder()
 _QUIET_PATHS = frozenset({"/health", "/metrics"})
 
 
-def _header_bytes(scope: Any) -> int:
-    size = 0
-    for name, value in scope["headers"]:
-        size += len(name) + len(value)
-    return size
+def _front_door_answer(error: GatewayError, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    return error_body(error, path), [(b"x-request-id", fresh_request_id().encode())]
+
+
+def error_body(error: GatewayError, path: str) -> bytes:
+    """An error the gateway answers before routing, in the envelope of the surface the
+    path belongs to (the task API has its own)."""
+    if path.startswith("/v1/tasks"):
+        return _encoder.encode(task_error_body(error))
+    return _encoder.encode(error.envelope())
 
 
 class GatewayApp:
@@ -241,14 +268,17 @@ class GatewayApp:
         lifecycle: Lifecycle,
         *,
         cors_origins: list[str],
-        max_header_bytes: int,
+        guard: RequestGuard,
+        front_door: type[FrontDoorProtocol],
         access_log: AccessLog,
     ) -> None:
         self.litestar = litestar
         self.access_log = access_log
         self.state = state
         self.lifecycle = lifecycle
-        self.max_header_bytes = max_header_bytes
+        self.guard = guard
+        # the HTTP protocol class uvicorn must serve this app with (limits while parsing)
+        self.front_door = front_door
         self._cors = {origin.encode() for origin in cors_origins}
         self._cors_any = "*" in cors_origins
         self._hot: dict[str, Any] = {}
@@ -264,9 +294,9 @@ class GatewayApp:
         if scope["type"] != "http":
             await self.litestar(scope, receive, send)
             return
-        if _header_bytes(scope) > self.max_header_bytes:
-            # uvicorn's httptools parser sets no limit of its own
-            await self._headers_too_large(scope, send)
+        refused = self.guard.check(scope)
+        if refused is not None:
+            await self._refuse(scope, send, refused)
             return
         path = scope["path"]
         if path in self._logs_itself and scope["method"] != "OPTIONS":  # the data plane
@@ -317,15 +347,23 @@ class GatewayApp:
                     )
                 )
 
-    async def _headers_too_large(self, scope: Any, send: Any) -> None:
-        error = HeadersTooLarge(
-            f"the request headers exceed the {self.max_header_bytes}-byte limit"
-        )
-        body = error.envelope()
-        if scope["path"].startswith("/v1/tasks"):  # the task API's own envelope
-            body = task_error_body(error)
-        headers = [(b"x-request-id", request_id(scope).encode()), (b"connection", b"close")]
-        await send_bytes(send, error.status, _encoder.encode(body), headers)
+    async def _refuse(self, scope: Any, send: Any, error: GatewayError) -> None:
+        headers = [(b"x-request-id", request_id(scope).encode())]
+        if isinstance(error, HeadersTooLarge):
+            headers.append((b"connection", b"close"))
+        body = error_body(error, scope["path"])
+        await send_bytes(send, error.status, body, headers)
+        if self.access_log.enabled:
+            self.access_log.write(
+                AccessRecord(
+                    ts=time.time(),
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=error.status,
+                    duration_ms=0.0,
+                    request_id=request_id(scope),
+                )
+            )
 
     def _with_cors(self, scope: Any, send: Any) -> Any:
         origin = next((v for k, v in scope["headers"] if k == b"origin"), None)

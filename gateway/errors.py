@@ -61,6 +61,10 @@ class InvalidJson(InvalidRequest):
     code = "invalid_json"
 
 
+# msgspec's decoders recurse; past the interpreter's limit they raise RecursionError
+TOO_DEEP = "the JSON body is nested too deeply"
+
+
 class Unauthorized(GatewayError):
     status = 401
     type = "authentication_error"
@@ -68,9 +72,47 @@ class Unauthorized(GatewayError):
 
 
 class Forbidden(GatewayError):
+    """A valid credential without the right role."""
+
     status = 403
     type = "permission_error"
-    code = "invalid_api_key"
+    code = "admin_token_required"
+
+
+class AdminNotConfigured(Forbidden):
+    code = "admin_token_not_configured"
+
+
+class MisdirectedRequest(GatewayError):
+    """A ``Host`` this gateway does not answer for (DNS rebinding)."""
+
+    status = 421
+    type = "invalid_request_error"
+    code = "misdirected_request"
+
+
+class CrossOriginRefused(Forbidden):
+    """A state-changing request from a browser page the CORS allow-list does not name."""
+
+    code = "cross_origin_refused"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class TooManyConnections(GatewayError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "too_many_connections"
 
 
 class NotFound(GatewayError):

@@ -37,13 +37,14 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 _OPENAI_ERRORS = {
     "400": "malformed JSON, invalid UTF-8, a missing or mistyped field, a bad X-Priority",
-    "401": "no bearer token (when a token is configured)",
-    "403": "wrong bearer token",
+    "401": "no or a wrong bearer token (when a token is configured)",
+    "403": "a state-changing request from an origin not in the CORS allow-list",
     "404": "unknown model",
     "405": "wrong method",
     "408": "upstream request timeout, after retries",
     "409": "upstream conflict, after retries",
     "413": "body over server.max_body_bytes",
+    "415": "a body that is not declared application/json",
     "422": "the engine rejected the request",
     "429": "the pool's queue is full, or the engine is rate limiting (see Retry-After)",
     "431": "headers over server.max_header_bytes",
@@ -58,6 +59,7 @@ _TASK_ERRORS = {
     "404": "NOT_FOUND",
     "409": "the task id exists / the task already finished",
     "413": "body too large",
+    "415": "INVALID_PARAMS: a body that is not declared application/json",
     "429": "ADMISSION_REJECT (see Retry-After)",
     "431": "headers too large",
     "503": "POOL_UNREADY / POOL_UNAVAILABLE (see Retry-After)",
@@ -248,9 +250,10 @@ def _control_paths(pool_ids: list[str]) -> dict[str, Any]:
 
 
 _LIFECYCLE_ERRORS = {
-    "400": "malformed JSON or a mistyped field",
-    "401": "no bearer token (when a token is configured)",
-    "403": "wrong bearer token",
+    "400": "malformed JSON, a mistyped field, or a field only the config file may set",
+    "401": "no or a wrong bearer token (admin routes: the admin token)",
+    "403": "an admin route with the data token, or with no admin token configured",
+    "415": "a body that is not declared application/json",
     "404": "unknown pool or variant",
     "409": "a reload is already running / the new set does not fit the GPU (see 'fit') / "
     "the reservation is someone else's / no config file",
@@ -273,10 +276,7 @@ def _lifecycle_paths() -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {
             "strategy": {"type": "string", "enum": ["blue_green", "replace"]},
-            "variant": {"type": "string"},
-            "models": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
-            "replicas": {"type": "array", "items": {"type": "object"}, "minItems": 1},
-            "max_context_tokens": {"type": "integer", "minimum": 1},
+            "variant": {"type": "string", "minLength": 1, "maxLength": 128},
         },
     }
     swapped = {"type": "object", "required": ["pool", "status", "duration_ms"]}
@@ -300,7 +300,7 @@ def _lifecycle_paths() -> dict[str, Any]:
                 "parameters": [_RESERVATION_TOKEN],
                 "responses": {
                     "200": _json({"type": "object", "required": ["status", "pools"]}, "applied"),
-                    **errors("401", "403", "409", "422", "423", "502"),
+                    **errors("401", "403", "409", "415", "422", "423", "502"),
                 },
             }
         },
@@ -335,7 +335,7 @@ def _lifecycle_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json(reservation, "renewed"),
                     "201": _json(reservation, "reserved; the answer holds the token"),
-                    **errors("400", "401", "403", "404", "409"),
+                    **errors("400", "401", "403", "404", "409", "415"),
                 },
             },
             "delete": {

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
-import os
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
@@ -43,7 +42,11 @@ if TYPE_CHECKING:
     from gateway.state import PoolRuntime
 
 _encoder = msgspec.json.Encoder()
-_TASK_ID = r"^[A-Za-z0-9._:-]{1,128}$"
+# \Z, not $: "$" also matches before a final newline, and a task id becomes an upstream
+# X-Request-Id header
+_TASK_ID = r"^[A-Za-z0-9._:-]{1,128}\Z"
+# per retained event: the list slot and the bytes object's header, beside its payload
+_EVENT_OVERHEAD_BYTES = 41
 
 
 class Workload(enum.StrEnum):
@@ -138,6 +141,7 @@ class Task:
         "decode_started",
         "engine",
         "error",
+        "event_bytes",
         "events",
         "finished_at",
         "id",
@@ -161,6 +165,7 @@ class Task:
         self.ticket = ticket
         self.state = TaskState.QUEUED
         self.events: list[bytes] = []
+        self.event_bytes = 0  # what the event log holds in memory, roughly
         self.tokens_out = 0
         self.tokens_in: int | None = None
         self.replica_id: str | None = None
@@ -179,6 +184,7 @@ class Task:
 
     def _append(self, frame: bytes) -> None:
         self.events.append(frame)
+        self.event_bytes += len(frame) + _EVENT_OVERHEAD_BYTES
         # set() resolves every current waiter; clear() at once re-arms the same event for
         # the next append, so no Event is allocated per token
         self._changed.set()
@@ -301,16 +307,16 @@ def _error_code(error: BackendError) -> tuple[str, bool]:
 
 
 class TaskBook:
-    """All tasks, by id. Finished tasks are kept for ``retention_s`` and at most
-    ``max_finished`` of them, so memory stays bounded under any load."""
+    """All tasks, by id. Finished tasks are kept for ``retention_s``, at most
+    ``max_finished`` of them and at most ``max_finished_bytes`` of event logs together
+    (oldest first out), so memory stays bounded under any load."""
 
     def __init__(self, config: TasksConfig, log: AccessLog | None = None) -> None:
         self.config = config
         self.log = log  # one line per finished task
         self._tasks: dict[str, Task] = {}
-        self._finished: OrderedDict[str, float] = OrderedDict()
-        self._prefix = os.urandom(6).hex()
-        self._ids = itertools.count(1)
+        self._finished: OrderedDict[str, tuple[float, int]] = OrderedDict()  # when, bytes
+        self._finished_bytes = 0
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -318,8 +324,10 @@ class TaskBook:
     def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
 
-    def new_id(self) -> str:
-        return f"{self._prefix}-{next(self._ids):08x}"
+    @staticmethod
+    def new_id() -> str:
+        """A random UUID (the contract's ``format: uuid``): nobody can claim the next one."""
+        return str(uuid.uuid4())
 
     def active(self) -> int:
         return sum(1 for t in self._tasks.values() if not t.finished)
@@ -446,7 +454,8 @@ class TaskBook:
 
     def _mark_finished(self, task: Task) -> None:
         if task.finished and task.id not in self._finished:
-            self._finished[task.id] = time.monotonic()
+            self._finished[task.id] = (time.monotonic(), task.event_bytes)
+            self._finished_bytes += task.event_bytes
             if self.log is not None and self.log.enabled:
                 self.log.write(_task_record(task))
             self._evict()
@@ -454,10 +463,15 @@ class TaskBook:
     def _evict(self) -> None:
         horizon = time.monotonic() - self.config.retention_s
         while self._finished:
-            task_id, finished_at = next(iter(self._finished.items()))
-            if finished_at > horizon and len(self._finished) <= self.config.max_finished:
+            task_id, (finished_at, size) = next(iter(self._finished.items()))
+            if (
+                finished_at > horizon
+                and len(self._finished) <= self.config.max_finished
+                and self._finished_bytes <= self.config.max_finished_bytes
+            ):
                 break
             self._finished.popitem(last=False)
+            self._finished_bytes -= size
             self._tasks.pop(task_id, None)
 
     async def wait_running(self, timeout_s: float) -> None:

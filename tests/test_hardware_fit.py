@@ -9,6 +9,7 @@ A reload whose model cannot fit a GPU's free VRAM is refused before anything sta
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ from backends.gpu import GpuDevice
 from backends.hardware import HardwareConfig, detect
 from backends.model_file import read_model
 from policies.fit import estimate, launch_settings
-from tests.conftest import REPO, free_port, test_assets
+from tests.conftest import ADMIN, ADMIN_TOKEN, REPO, free_port, test_assets
 from tests.fakes.servers import gateway_process
 
 GIB = 1024**3
@@ -152,6 +153,7 @@ def test_get_hardware_serves_the_same_profile(gateway_factory: Any, fake_upstrea
 # -- fit -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF (fetched on a fresh machine)
 def test_gguf_metadata_matches_the_real_file() -> None:
     path = test_assets.smollm2_model()
     shape = read_model(path)
@@ -205,6 +207,7 @@ def test_fit_estimate_matches_llama_servers_own_memory_breakdown(
     )
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF (fetched on a fresh machine)
 def test_orchgate_fit_prints_the_breakdown_and_the_verdict() -> None:
     model = str(test_assets.smollm2_model())
     result = orchgate("fit", model, "--context", "2048", "--parallel", "4", "--device", "cpu")
@@ -216,6 +219,7 @@ def test_orchgate_fit_prints_the_breakdown_and_the_verdict() -> None:
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF (fetched on a fresh machine)
 def test_hw_and_fit_refuse_an_invalid_config_cleanly(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[server]\nbogus = 1\n")
@@ -254,21 +258,18 @@ def test_a_reload_that_cannot_fit_the_gpu_is_refused_before_anything_starts(
     gpus.write_text(f"0 {int(79.5 * GIB)} {80 * GIB} NVIDIA_H100_80GB_HBM3\n")  # 512 MiB free
     port = free_port()
     config = tmp_path / "orchgate.toml"
-    config.write_text(
-        f'[server]\nbind = "127.0.0.1:{port}"\n[[pools]]\nid = "p"\nmodels = ["m"]\n'
-        f'[[pools.replicas]]\nid = "f0"\nengine = "openai"\nurl = "{fake_upstream[1].url}"\n'
-    )
     launch = [str(test_assets.llama_server()), "-m", "{model}", "--port", "{port}", "-c", "8192"]
-    body = {
-        "replicas": [
-            {
-                "id": "g0", "engine": "llamacpp", "url": f"http://127.0.0.1:{free_port()}",
-                "gpu_device": 0, "model_path": str(test_assets.smollm2_model()), "launch": launch,
-            }
-        ]
-    }  # fmt: skip
+    config.write_text(
+        f'[server]\nbind = "127.0.0.1:{port}"\n[auth]\nadmin_token = "{ADMIN_TOKEN}"\n'
+        f'[[pools]]\nid = "p"\nmodels = ["m"]\n'
+        f'[[pools.replicas]]\nid = "f0"\nengine = "openai"\nurl = "{fake_upstream[1].url}"\n'
+        f'[[pools.variants]]\nid = "gpu"\n[[pools.variants.replicas]]\nid = "g0"\n'
+        f'engine = "llamacpp"\nurl = "http://127.0.0.1:{free_port()}"\ngpu_device = 0\n'
+        f'model_path = "{test_assets.smollm2_model()}"\nlaunch = {json.dumps(launch)}\n'
+    )
+    body = {"variant": "gpu"}
     with gateway_process(config, port, env=nvml_env(nvml_dir, gpus)) as gw:
-        refused = httpx.post(gw.url + "/v1/pools/p/reload", json=body, timeout=60)
+        refused = httpx.post(gw.url + "/v1/pools/p/reload", json=body, headers=ADMIN, timeout=60)
         assert refused.status_code == 409, refused.text
         answer = refused.json()
         assert answer["error"]["code"] == "insufficient_vram"
@@ -285,6 +286,7 @@ def test_a_reload_that_cannot_fit_the_gpu_is_refused_before_anything_starts(
     assert "llama-server" not in gw.log() and "starting managed replica" not in gw.log()
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF
 async def test_the_fit_check_counts_what_a_replace_swap_gives_back() -> None:
     from gateway.config import config_from_mapping
     from gateway.lifecycle.preflight import InsufficientMemory, check_fit

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from gateway.config import load_config
-from tests.conftest import free_port, run_gateway, test_assets
+from tests.conftest import ADMIN, ADMIN_TOKEN, free_port, run_gateway, test_assets
 from tests.fakes.servers import wait_until
 from tests.prom import scrape, value
 
@@ -49,6 +49,9 @@ def write_config(
         f"""
 [server]
 bind = "127.0.0.1:{port}"
+
+[auth]
+admin_token = "{ADMIN_TOKEN}"
 
 [[pools]]
 id = "chat"
@@ -175,7 +178,7 @@ def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
         tokens_before = value(scrape(gw.url), "tokens_out_total", replica_id="r0")
 
         started = time.monotonic()
-        swapped = httpx.post(f"{gw.url}/v1/pools/chat/reload", json={"variant": "b"}, timeout=90)
+        swapped = reload(gw.url, {"variant": "b"})
         to_b_s = time.monotonic() - started
         assert swapped.status_code == 200, swapped.text
         result = swapped.json()
@@ -205,7 +208,7 @@ def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
 
         # back to the file's own setting: a reload without a body
         started = time.monotonic()
-        back = httpx.post(f"{gw.url}/v1/pools/chat/reload", timeout=90)
+        back = reload(gw.url)
         to_a_s = time.monotonic() - started
         assert back.status_code == 200, back.text
         assert back.json()["variant"] == "default"
@@ -225,25 +228,13 @@ def test_swap_under_load_fails_no_request(tmp_path: Path) -> None:
 def test_swap_to_a_broken_launch_rolls_back_and_the_old_model_keeps_serving(
     tmp_path: Path,
 ) -> None:
-    with chat_gateway(tmp_path) as gw, Traffic(gw.url) as traffic:
+    with (
+        chat_gateway(tmp_path, EXITS_VARIANT + missing_model_variant()) as gw,
+        Traffic(gw.url) as traffic,
+    ):
         traffic.wait_for(4)
         pids = llama_pids(gw)
-        broken = {
-            "replicas": [
-                {
-                    "id": "r0",
-                    "engine": "llamacpp",
-                    "url": "http://127.0.0.1:1",
-                    "model_path": "/nonexistent/model.gguf",
-                    "launch": [
-                        "{python}",
-                        "-c",
-                        "import sys; sys.exit('no model at /nonexistent/model.gguf')",
-                    ],
-                }
-            ]
-        }
-        failed = httpx.post(f"{gw.url}/v1/pools/chat/reload", json=broken, timeout=90)
+        failed = reload(gw.url, {"variant": "exits"})
         assert failed.status_code == 502, failed.text
         body = failed.json()
         assert body["error"]["code"] == "reload_failed" and body["rolled_back"] is True
@@ -252,24 +243,7 @@ def test_swap_to_a_broken_launch_rolls_back_and_the_old_model_keeps_serving(
         assert "no model at /nonexistent/model.gguf" in body["error"]["message"]
 
         # a launch that starts but never serves: llama-server with a missing model file
-        missing = {
-            "replicas": [
-                {
-                    "id": "r0",
-                    "engine": "llamacpp",
-                    "url": "http://127.0.0.1:1",
-                    "model_path": "/nonexistent/model.gguf",
-                    "launch": [
-                        str(test_assets.llama_server()),
-                        "-m",
-                        "{model}",
-                        "--port",
-                        "{port}",
-                    ],
-                }
-            ]
-        }
-        failed = httpx.post(f"{gw.url}/v1/pools/chat/reload", json=missing, timeout=90)
+        failed = reload(gw.url, {"variant": "missing"})
         assert failed.status_code == 502, failed.text
         assert "exited with code" in failed.json()["error"]["message"]
         traffic.wait_for(4)
@@ -301,11 +275,11 @@ def test_sighup_reloads_the_file_and_an_invalid_file_is_never_applied(tmp_path: 
         config_path.write_text(
             good.replace('pools]]\nid = "chat"', 'pools]]\nid = "chat"\nqueue_capacity = -1')
         )
-        invalid = httpx.post(gw.url + "/v1/config/reload", timeout=30)
+        invalid = httpx.post(gw.url + "/v1/config/reload", headers=ADMIN, timeout=30)
         assert invalid.status_code == 422, invalid.text
         assert "queue_capacity" in invalid.json()["error"]["message"]
         os.kill(gw.process.pid, 1)  # SIGHUP with the invalid file: logged, nothing applied
-        time.sleep(1)
+        assert wait_until(lambda: "SIGHUP: config reload failed" in gw.log(), timeout=10)
         assert aliases() == {"smollm2-a", "chat"}
 
         config_path.write_text(
@@ -337,6 +311,41 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def reload(url: str, body: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/pools/chat/reload", json=body, headers=ADMIN, timeout=90)
+
+
+# a launch that exits at once, with its reason on stderr
+EXITS_VARIANT = """
+[[pools.variants]]
+id = "exits"
+models = ["smollm2-a", "chat"]
+
+[[pools.variants.replicas]]
+id = "r0"
+engine = "llamacpp"
+url = "http://127.0.0.1:1"
+model_path = "/nonexistent/model.gguf"
+launch = ["{python}", "-c", "import sys; sys.exit('no model at /nonexistent/model.gguf')"]
+"""
+
+
+def missing_model_variant() -> str:
+    """A launch that starts but never serves: llama-server with a missing model file."""
+    return f"""
+[[pools.variants]]
+id = "missing"
+models = ["smollm2-a", "chat"]
+
+[[pools.variants.replicas]]
+id = "r0"
+engine = "llamacpp"
+url = "http://127.0.0.1:1"
+model_path = "/nonexistent/model.gguf"
+launch = ["{test_assets.llama_server()}", "-m", "{{model}}", "--port", "{{port}}"]
+"""
 
 
 BROKEN_VARIANT = """
@@ -385,6 +394,11 @@ def test_swap_from_the_status_page_under_load_respecting_the_lock(tmp_path: Path
         choose("b")
         click("swap")
         assert browser.wait_for(lambda: "Swap pool chat to b?" in swap_box()), swap_box()
+        # a swap changes what runs: the page asks for the admin token (kept in the tab)
+        browser.evaluate(
+            "(() => { const i = document.querySelector('[data-swap=chat] input[data-field="
+            f"admin-token]'); i.value = '{ADMIN_TOKEN}'; i.dispatchEvent(new Event('input')); }})()"
+        )
         click("confirm")
         assert browser.wait_for(lambda: "swapped to b in" in swap_box(), timeout=90), swap_box()
         assert browser.wait_for(lambda: "model: smollm2-b" in swap_box()), swap_box()
@@ -423,9 +437,7 @@ def test_replace_swap_holds_requests_instead_of_running_two_sets(tmp_path: Path)
             traffic.wait_for(6)
             old_pids = llama_pids(gw)
             started = time.monotonic()
-            swapped = httpx.post(
-                f"{gw.url}/v1/pools/chat/reload", json={"variant": "b"}, timeout=90
-            )
+            swapped = reload(gw.url, {"variant": "b"})
             took = time.monotonic() - started
             assert swapped.status_code == 200, swapped.text
             # the same address: the old server was gone before the new one started
@@ -435,9 +447,7 @@ def test_replace_swap_holds_requests_instead_of_running_two_sets(tmp_path: Path)
             traffic.wait_for(6)
 
             # a broken setting: the previous one (b) is started again, requests wait for it
-            failed = httpx.post(
-                f"{gw.url}/v1/pools/chat/reload", json={"variant": "broken"}, timeout=90
-            )
+            failed = reload(gw.url, {"variant": "broken"})
             assert failed.status_code == 502, failed.text
             assert "cannot load the weights" in failed.json()["error"]["message"]
             assert "did not come back" not in failed.json()["error"]["message"]

@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import REPO, pool
 from tests.fakes.servers import wait_until
+
+pytestmark = pytest.mark.slow  # locust runs headless for seconds
 
 
 def test_locust_recipe_runs_headless_without_failures(

@@ -26,6 +26,8 @@ from tests.conftest import REPO, Gateway, free_port, pool, test_assets
 from tests.fakes.servers import wait_until
 from tests.test_tasks_api import read_events
 
+pytestmark = pytest.mark.slow  # the real OpenVINO runtime on the real SmolLM2 GGUF
+
 CANARY = "CANARY-7f3e9b-never-log-me"
 
 

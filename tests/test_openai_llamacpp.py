@@ -8,7 +8,6 @@ walks away mid-stream.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,5 +235,4 @@ def test_concurrent_streams_all_complete(client: openai.OpenAI, gateway: Gateway
     for t in threads:
         t.join(timeout=60)
     assert not errors and len(results) == 8
-    time.sleep(0.05)
-    assert gateway.slots_in_use() == 0
+    assert wait_until(lambda: gateway.slots_in_use() == 0, timeout=2)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import free_port
 from tests.fakes.servers import gateway_process, wait_until
 from tests.fakes.upstream import FakeUpstream
+from tests.prom import scrape
 from tests.sse import read_task_events
 
 GRACE_S = 2.0
@@ -111,19 +111,24 @@ def test_sigterm_drains_gracefully(fake_upstream: Any, tmp_path: Path) -> None:
         assert queued_task.status_code == 202
         queued_task_events = Recorder(lambda: _task_stream(url, queued_task.json()["task_id"]))
         queued_task_events.start()
-        time.sleep(0.3)
+        assert wait_until(lambda: _queued(url) == 2, timeout=5)  # the request and the task
 
         sigterm_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
 
         _assert_queued_work_refused_at_once(queued, queued_task_events, sigterm_at)
 
-        # nothing new is accepted
-        time.sleep(0.3)
-        with pytest.raises(httpx.HTTPError):
-            httpx.post(
-                url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=2
-            )
+        # nothing new is accepted: the listener closes right after SIGTERM
+        def refused() -> bool:
+            try:
+                httpx.post(
+                    url + "/v1/chat/completions", json={"model": "m", "messages": MSG}, timeout=2
+                )
+            except httpx.HTTPError:
+                return True
+            return False
+
+        assert wait_until(refused, timeout=3)
 
         _assert_running_work_drained(short, long, task_events, sigterm_at)
 
@@ -133,6 +138,10 @@ def test_sigterm_drains_gracefully(fake_upstream: Any, tmp_path: Path) -> None:
         assert time.monotonic() - sigterm_at < GRACE_S + 3
         assert wait_until(lambda: fake.active == 0, timeout=2)
         assert "Traceback" not in gateway.log()
+
+
+def _queued(url: str) -> float:
+    return sum(v for _, v in scrape(url)["queue_depth"])
 
 
 def _assert_queued_work_refused_at_once(

@@ -20,10 +20,13 @@ from typing import Any
 import aiohttp
 import httpx
 import msgspec
+import pytest
 
 from tests.conftest import free_port
 from tests.fakes.servers import gateway_process, wait_until
 from tests.fakes.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow  # a 60 s soak
 
 CLIENTS = 64
 DURATION_S = float(os.environ.get("ORCHGATE_SOAK_S", "60"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from aiohttp import web
 
 from gateway.config import load_config
 from gateway.webhooks import verify
-from tests.conftest import free_port, run_gateway, serve_aiohttp
+from tests.conftest import ADMIN, ADMIN_TOKEN, free_port, run_gateway, serve_aiohttp
 from tests.fakes.servers import AiohttpThread, wait_until
 
 SECRET = "a-webhook-secret-of-some-length"
@@ -69,6 +68,9 @@ def write(
 [server]
 bind = "127.0.0.1:{port}"
 
+[auth]
+admin_token = "{ADMIN_TOKEN}"
+
 {hooks}
 [[pools]]
 id = "p"
@@ -102,8 +104,21 @@ def gateway(tmp_path: Path, upstream: str, **kwargs: Any) -> Any:
 
 
 def reload(url: str, body: Any = None, token: str | None = None) -> httpx.Response:
-    headers = {"X-Reservation-Token": token} if token else {}
+    headers = {**ADMIN, "X-Reservation-Token": token} if token else ADMIN
     return httpx.post(f"{url}/v1/pools/p/reload", json=body, headers=headers, timeout=30)
+
+
+def config_reload(url: str) -> httpx.Response:
+    return httpx.post(url + "/v1/config/reload", headers=ADMIN, timeout=30)
+
+
+def variant(variant_id: str, models: list[str], replica: str) -> str:
+    """A ``[[pools.variants]]`` block for the one pool ``write`` defines."""
+    names = ", ".join(f'"{m}"' for m in models)
+    return (
+        f'\n[[pools.variants]]\nid = "{variant_id}"\nmodels = [{names}]\n\n'
+        f"[[pools.variants.replicas]]\n{replica}\n"
+    )
 
 
 def test_reservation_lock_blocks_reloads_until_released_forced_or_expired(
@@ -161,17 +176,20 @@ def test_reservation_lock_blocks_reloads_until_released_forced_or_expired(
         # an operator force-releases a lock someone forgot
         httpx.post(f"{base}/v1/pools/p/reservation", json={"holder": "forgetful"})
         assert reload(base).status_code == 423
-        forced = httpx.delete(f"{base}/v1/pools/p/reservation?force=true")
+        forced = httpx.delete(f"{base}/v1/pools/p/reservation?force=true", headers=ADMIN)
         assert forced.status_code == 204
         assert reload(base).status_code == 200
 
         # and a lock ends on its own
-        short = httpx.post(f"{base}/v1/pools/p/reservation", json={"holder": "brief", "ttl_s": 2})
+        short = httpx.post(f"{base}/v1/pools/p/reservation", json={"holder": "brief", "ttl_s": 1})
         assert short.status_code == 201
         assert reload(base).status_code == 423
-        time.sleep(2.1)
+
+        def expired() -> bool:
+            return httpx.get(f"{base}/v1/pools/p/reservation").json()["reserved"] is False
+
+        assert wait_until(expired, timeout=5)
         assert reload(base).status_code == 200
-        assert httpx.get(f"{base}/v1/pools/p/reservation").json()["reserved"] is False
 
 
 def test_webhooks_are_signed_retried_and_never_delay_the_reload(
@@ -180,7 +198,8 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
     _, server = fake_upstream
     hook, hook_server = receiver
     hook.gate.clear()  # the receiver hangs until the reload has answered
-    with gateway(tmp_path, server.url, hook_url=hook_server.url + "/hook") as gw:
+    dead = variant("dead", ["m", "alias"], f'id = "x"\nengine = "openai"\nurl = "{dead_url}"')
+    with gateway(tmp_path, server.url, hook_url=hook_server.url + "/hook", extra=dead) as gw:
         swapped = reload(gw.url, {"variant": "two"})  # would time out if it waited
         assert swapped.status_code == 200, swapped.text
         assert wait_until(lambda: len(hook.attempts) == 1)  # delivery under way, not done
@@ -208,8 +227,7 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
         assert event["previous"] == {"variant": "default", "models": ["m", "alias"]}
 
         # a failed swap is announced too
-        dead = {"replicas": [{"id": "x", "engine": "openai", "url": dead_url}]}
-        failed = reload(gw.url, dead)
+        failed = reload(gw.url, {"variant": "dead"})
         assert failed.status_code == 502 and failed.json()["rolled_back"] is True
         assert wait_until(lambda: len(hook.accepted) == 2, timeout=10)
         headers, body = hook.accepted[1]
@@ -221,7 +239,8 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
 
 def test_reload_swaps_routing_and_models_atomically(fake_upstream: Any, tmp_path: Path) -> None:
     fake, server = fake_upstream
-    with gateway(tmp_path, server.url) as gw:
+    three = variant("three", ["m3", "alias"], f'id = "f0"\nengine = "openai"\nurl = "{server.url}"')
+    with gateway(tmp_path, server.url, extra=three) as gw:
         chat = {"model": "alias", "messages": [{"role": "user", "content": "hi"}]}
         first = httpx.post(gw.url + "/v1/chat/completions", json=chat)
         assert first.headers["x-orchgate-replica"] == "f0"
@@ -238,9 +257,9 @@ def test_reload_swaps_routing_and_models_atomically(fake_upstream: Any, tmp_path
         )
         # the variant has 8 slots, configured
         assert gw.state.pools["p"].queue.ready_slots() == 8
-        # inline settings: a new alias list on the running replicas
-        inline = reload(gw.url, {"models": ["m3", "alias"]})
-        assert inline.status_code == 200 and inline.json()["variant"] == "custom"
+        # a third setting: the model list changes with it
+        third = reload(gw.url, {"variant": "three"})
+        assert third.status_code == 200 and third.json()["variant"] == "three"
         models = {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
         assert models == {"m3", "alias"}
         openapi = httpx.get(gw.url + "/openapi.json").json()
@@ -251,14 +270,10 @@ def test_reload_swaps_routing_and_models_atomically(fake_upstream: Any, tmp_path
     ("body", "status", "code"),
     [
         ({"variant": "nope"}, 404, "not_found"),
-        ({"variant": "two", "models": ["x"]}, 422, "invalid_config"),
-        ({"replicas": []}, 400, "invalid_request"),
-        ({"models": ["m", "m"], "bogus": 1}, 400, "invalid_request"),
-        (
-            {"replicas": [{"id": "f0", "engine": "quantum", "url": "http://x"}]},
-            400,
-            "invalid_request",
-        ),
+        ({"variant": "two", "bogus": 1}, 400, "invalid_request"),
+        ({"variant": ""}, 400, "invalid_request"),
+        ({"strategy": "teleport"}, 400, "invalid_request"),
+        ([], 400, "invalid_request"),
     ],
 )
 def test_bad_reload_requests_change_nothing(
@@ -273,10 +288,10 @@ def test_bad_reload_requests_change_nothing(
         bad_json = httpx.post(
             f"{gw.url}/v1/pools/p/reload",
             content=b"{not json",
-            headers={"content-type": "application/json"},
+            headers={**ADMIN, "content-type": "application/json"},
         )
         assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
-        assert httpx.post(f"{gw.url}/v1/pools/nope/reload").status_code == 404
+        assert httpx.post(f"{gw.url}/v1/pools/nope/reload", headers=ADMIN).status_code == 404
 
 
 def extra_pool(models: str, url: str, *, timeout: str = "") -> str:
@@ -295,20 +310,20 @@ def test_config_reload_applies_a_valid_file_whole_and_an_invalid_one_not_at_all(
         good = path.read_text()
         # a model name owned by two pools: valid TOML, invalid config
         path.write_text(good + extra_pool('["m"]', "http://127.0.0.1:1"))
-        refused = httpx.post(gw.url + "/v1/config/reload", timeout=30)
+        refused = config_reload(gw.url)
         assert refused.status_code == 422 and "already served by pool" in refused.text
         assert list(gw.state.pools) == ["p"]
 
         # a new pool with a replica that never comes up: all or nothing
         path.write_text(good + extra_pool('["q"]', dead_url, timeout="reload_timeout_s = 1\n"))
-        failed = httpx.post(gw.url + "/v1/config/reload", timeout=30)
+        failed = config_reload(gw.url)
         assert failed.status_code == 502 and failed.json()["rolled_back"] is True
         assert list(gw.state.pools) == ["p"]
 
         # a valid file: pool q added, p unchanged (it keeps running as it is)
         tasks = good.replace("[server]", "[tasks]\ndefault_max_tokens = 7\n\n[server]")
         path.write_text(tasks + extra_pool('["q"]', server.url))
-        applied = httpx.post(gw.url + "/v1/config/reload", timeout=30)
+        applied = config_reload(gw.url)
         assert applied.status_code == 200, applied.text
         assert applied.json()["pools"] == {"p": "unchanged", "q": "added"}
         assert applied.json()["restart_required"] == ["tasks"]
@@ -317,7 +332,7 @@ def test_config_reload_applies_a_valid_file_whole_and_an_invalid_one_not_at_all(
 
         # removing it again retires it
         path.write_text(good)
-        removed = httpx.post(gw.url + "/v1/config/reload", timeout=30)
+        removed = config_reload(gw.url)
         assert removed.json()["pools"] == {"p": "unchanged", "q": "removed"}
         assert httpx.post(gw.url + "/v1/chat/completions", json=chat).status_code == 404
         assert wait_until(lambda: not gw.state.retiring, timeout=10)
@@ -329,10 +344,10 @@ def test_config_reload_without_a_file_is_a_conflict(
     _, server = fake_upstream
     replica = {"id": "f0", "engine": "openai", "url": server.url, "slots": 1}
     with gateway_factory({"pools": [{"id": "p", "models": ["m"], "replicas": [replica]}]}) as gw:
-        answer = httpx.post(gw.url + "/v1/config/reload")
+        answer = config_reload(gw.url)
         assert answer.status_code == 409 and "without --config" in answer.text
         # a pool reload without a body re-applies the startup config
-        assert httpx.post(gw.url + "/v1/pools/p/reload").status_code == 200
+        assert reload(gw.url).status_code == 200
 
 
 def test_a_replica_that_is_healthy_but_serves_another_model_is_not_switched_to(
@@ -341,15 +356,18 @@ def test_a_replica_that_is_healthy_but_serves_another_model_is_not_switched_to(
     """vLLM answers /health whatever it loaded; only a request for the model proves it."""
     _, server = fake_upstream
     sim, sim_server = vllm_sim
-    wrong = {"replicas": [{"id": "v0", "engine": "vllm", "url": sim_server.url, "slots": 4}]}
-    with gateway(tmp_path, server.url) as gw:
-        refused = reload(gw.url, {**wrong, "models": ["meta-llama/Llama-3.1-8B", "alias"]})
+    v0 = f'id = "v0"\nengine = "vllm"\nurl = "{sim_server.url}"\nslots = 4'
+    settings = variant("wrong", ["meta-llama/Llama-3.1-8B", "alias"], v0) + variant(
+        "right", [sim.served_model, "alias"], v0
+    )
+    with gateway(tmp_path, server.url, extra=settings) as gw:
+        refused = reload(gw.url, {"variant": "wrong"})
         assert refused.status_code == 502, refused.text
         message = refused.json()["error"]["message"]
         assert "v0 is healthy but did not serve model 'meta-llama/Llama-3.1-8B'" in message
         assert "does not exist" in message
         assert gw.state.pools["p"].replicas[0].replica_id == "f0"
-        right = reload(gw.url, {**wrong, "models": [sim.served_model, "alias"]})
+        right = reload(gw.url, {"variant": "right"})
         assert right.status_code == 200, right.text
         chat = {"model": "alias", "messages": [{"role": "user", "content": "hi"}]}
         answer = httpx.post(gw.url + "/v1/chat/completions", json=chat)

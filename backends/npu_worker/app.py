@@ -6,6 +6,8 @@ Logs method, path, status and timings only: never input or output text.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import threading
@@ -219,6 +221,40 @@ def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 -
         openapi_config=None,
     )
     return app
+
+
+class RequireToken:
+    """ASGI wrapper: every route but ``/healthz`` needs ``Authorization: Bearer <token>``
+    (a worker reachable off loopback). Compared in constant time."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._digest = hashlib.sha256(token.encode()).digest()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] != "/healthz":
+            presented = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    presented = value.partition(b" ")[2].strip()
+            if not hmac.compare_digest(hashlib.sha256(presented).digest(), self._digest):
+                body = (
+                    b'{"error":{"message":"missing or invalid bearer token",'
+                    b'"type":"authentication_error","param":null,"code":"invalid_api_key"}}'
+                )
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 class AccessLog:

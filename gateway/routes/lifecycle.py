@@ -21,7 +21,7 @@ from msgspec import Meta
 
 from backends.base import Strict
 from backends.hardware import HardwareProfile, detect
-from gateway.errors import Conflict, InvalidJson, InvalidRequest, LockedError, NotFound
+from gateway.errors import TOO_DEEP, Conflict, InvalidJson, InvalidRequest, LockedError, NotFound
 from gateway.lifecycle import Lifecycle, ReloadRequest
 from policies.reservation import Locked, Taken
 
@@ -43,6 +43,34 @@ def _decode(raw: bytes, kind: type[Any]) -> Any:
         raise InvalidRequest(f"invalid body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJson(TOO_DEEP) from None
+
+
+# what a reload body could once carry: settings that name programs, files, addresses and
+# environment variables. They come from the operator's config file only.
+_CONFIG_FILE_ONLY = ("models", "replicas", "max_context_tokens", "launch", "url", "model_path",
+                     "api_key_env", "engine")  # fmt: skip
+
+
+def _decode_reload(raw: bytes) -> ReloadRequest | None:
+    if raw.strip():
+        try:
+            fields = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidJson(TOO_DEEP) from None
+        if isinstance(fields, dict):
+            for name in _CONFIG_FILE_ONLY:
+                if name in fields:
+                    raise InvalidRequest(
+                        f"'{name}' cannot be set over HTTP: what runs (programs, files, "
+                        "addresses) comes from the config file only. Define a "
+                        '[[pools.variants]] there and reload with {"variant": "<id>"}',
+                        param=name,
+                    )
+    return _decode(raw, ReloadRequest)  # type: ignore[no-any-return]
 
 
 def _flag(request: Request[Any, Any, Any], name: str) -> bool:
@@ -64,17 +92,19 @@ class _HardwareCache:
         return self._profile
 
 
-def lifecycle_handlers(lifecycle: Lifecycle, *, guards: list[Any]) -> list[Any]:
+def lifecycle_handlers(lifecycle: Lifecycle, *, guards: list[Any], admin: list[Any]) -> list[Any]:
+    """``guards`` admit the data token (read-only routes, reservations); ``admin`` the admin
+    token (anything that changes what runs)."""
     hardware_cache = _HardwareCache()
 
-    @post("/v1/pools/{pool_id:str}/reload", guards=guards, status_code=200)
+    @post("/v1/pools/{pool_id:str}/reload", guards=admin, status_code=200)
     async def reload_pool(pool_id: str, request: Request[Any, Any, Any]) -> dict[str, Any]:
         """Blue-green swap; answers when the new set serves (or with why it did not)."""
-        body: ReloadRequest | None = _decode(await request.body(), ReloadRequest)
+        body: ReloadRequest | None = _decode_reload(await request.body())
         token = request.headers.get(TOKEN_HEADER)
         return await lifecycle.reload_pool(pool_id, body, token)
 
-    @post("/v1/config/reload", guards=guards, status_code=200)
+    @post("/v1/config/reload", guards=admin, status_code=200)
     async def reload_config(request: Request[Any, Any, Any]) -> dict[str, Any]:
         return await lifecycle.reload_config(request.headers.get(TOKEN_HEADER))
 
@@ -126,8 +156,11 @@ def _reservation_handlers(lifecycle: Lifecycle, guards: list[Any]) -> list[Any]:
     async def release(pool_id: str, request: Request[Any, Any, Any]) -> None:
         """The holder releases with its token; ``?force=true`` is the operator's override."""
         known(pool_id)
+        force = _flag(request, "force")
+        if force:  # the operator's override: admin only
+            lifecycle.auth.check_admin(request.headers.get("authorization", "").encode() or None)
         try:
-            book.release(pool_id, request.headers.get(TOKEN_HEADER), force=_flag(request, "force"))
+            book.release(pool_id, request.headers.get(TOKEN_HEADER), force=force)
         except Locked as exc:
             raise LockedError(
                 str(exc), extra={"reservation": exc.reservation.view(book.now())}

@@ -56,7 +56,7 @@ from policies.retry import RETRY_COUNT_HEADER, client_retry_count
 
 log = logging.getLogger("orchgate")
 
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -73,8 +73,12 @@ def request_id(scope: dict[str, Any]) -> str:
     """The client's ``X-Request-Id`` when it is sane, else a fresh one: 32 hex characters,
     unique per process (a random prefix and a counter; cheaper than ``uuid4``)."""
     given = header(scope, b"x-request-id")
-    if given is not None and _REQUEST_ID.match(given):
+    if given is not None and _REQUEST_ID.fullmatch(given):
         return given.decode()
+    return fresh_request_id()
+
+
+def fresh_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
@@ -303,9 +307,9 @@ class OpenAIProxy:
             pool = await self._settled(pool)
         _check_max_tokens(view, pool.config.max_context_tokens)
         stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
-        hide_usage = stream and view.stream_options is None
+        hide_usage = stream and not view.stream_options  # absent or null
         if hide_usage:  # token metrics must not depend on the client asking for usage
-            body = with_stream_usage(body)
+            body = with_stream_usage(body, replace=view.stream_options is None)
         ex.pool, ex.engine = pool.id, pool.engine
         return pool, priority, call_factory(pool, endpoint, body, model, stream, rid, hide_usage)
 

@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from backends.base import Endpoint
-from gateway.errors import GatewayError, backoff_headers
+from gateway.errors import TOO_DEEP, GatewayError, backoff_headers
 from gateway.state import GatewayState, PoolRuntime
 from gateway.tasks import CancelOutcome, Task, TaskBook, TaskRequest, Workload
 from policies.admission import AdmissionError, PoolUnready, QueueFull
@@ -95,6 +95,7 @@ def _payload(
     payload: dict[str, Any] = dict(req.params or {})
     for reserved in ("model", "stream", "prompt", "messages", "max_tokens", "seed"):
         payload.pop(reserved, None)
+    _guard_params(payload, pool)
     payload.update(max_tokens=max_tokens, stream=True)
     if req.seed is not None:
         payload["seed"] = req.seed
@@ -107,6 +108,20 @@ def _payload(
         raise _invalid("the prompt is empty", pool.engine)
     payload["prompt"] = prompt
     return payload, Endpoint.COMPLETIONS, len(prompt)
+
+
+# token budgets under other names, which engines honour beside max_tokens: the task's
+# budget is max_tokens alone, so the context guard below holds
+_OTHER_BUDGETS = ("max_completion_tokens", "n_predict", "max_new_tokens")
+
+
+def _guard_params(params: dict[str, Any], pool: PoolRuntime) -> None:
+    for name in _OTHER_BUDGETS:
+        if name in params:
+            raise _invalid(f"params.{name}: set the budget with max_tokens", pool.engine)
+    n = params.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise _invalid("params.n: a task streams exactly one choice (n = 1)", pool.engine)
 
 
 def _guard_context(req: TaskRequest, pool: PoolRuntime, max_tokens: int, prompt_chars: int) -> None:
@@ -137,6 +152,8 @@ def _parse(state: GatewayState, raw: bytes) -> tuple[TaskRequest, PoolRuntime]:
         raise _invalid(f"invalid task request: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 inside a string
         raise _invalid(f"a string in the request body is not valid UTF-8: {exc.reason}") from None
+    except RecursionError:
+        raise _invalid(TOO_DEEP) from None
     pool = _resolve_pool(state, req)
     if req.workload is not Workload.COMPLETION:
         raise _invalid(

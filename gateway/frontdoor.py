@@ -1,0 +1,259 @@
+"""The front door: HTTP/1.1 parsing with limits enforced while bytes arrive.
+
+uvicorn's httptools protocol sets no limit of its own on a request head (httptools keeps
+concatenating an unfinished header for as long as a client sends it), has no header or
+body read timeout, and answers parse errors in plain text. This subclass adds, per
+connection and before any application code runs:
+
+* the request head capped at ``server.max_header_bytes`` as it arrives: 431 and close;
+* a header-read deadline (the whole head, from its first byte or the connection's start)
+  and a body-read deadline (the longest silence between two body reads): 408 and close;
+* a cap on open connections: the next one gets 503 and is closed;
+* ``Content-Length`` over ``server.max_body_bytes``: 413 before the body is read;
+* every such answer, and a malformed request (400), in the OpenAI error envelope (the
+  task API's own under ``/v1/tasks``).
+
+After such an answer the connection lingers briefly, reading and discarding what the
+client still sends, so the client reads the answer instead of a connection reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import httptools
+import msgspec
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    HeadersTooLarge,
+    InvalidRequest,
+    RequestTimeout,
+    TooManyConnections,
+)
+
+log = logging.getLogger("orchgate")
+
+_LINGER_S = 2.0
+_LINGER_MAX_BYTES = 1 << 20
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
+            431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}  # fmt: skip
+
+# the answer's body and extra headers for an error and the request path (as far as known)
+Render = Callable[[GatewayError, str], tuple[bytes, list[tuple[bytes, bytes]]]]
+
+
+class FrontDoorLimits(msgspec.Struct, frozen=True):
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+
+
+def _default_render(error: GatewayError, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    return msgspec.json.encode(error.envelope()), []
+
+
+class FrontDoorProtocol(HttpToolsProtocol):
+    limits: ClassVar[FrontDoorLimits] = FrontDoorLimits()
+    render: ClassVar[Render] = staticmethod(_default_render)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._in_head = True
+        self._rejected = False
+        self._lingered = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        self._path = ""
+
+    # -- connection ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        over = len(self.connections) >= self.limits.max_connections
+        super().connection_made(transport)
+        if over:
+            self._reject(TooManyConnections("too many open connections; retry shortly"))
+            return
+        self._arm(self.limits.header_timeout_s, "the request head did not arrive in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        if self._rejected:
+            self.transport.close()
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:  # lingering: read and drop, so the answer is not lost to a reset
+            self._lingered += len(data)
+            if self._lingered > _LINGER_MAX_BYTES:
+                self.transport.close()
+            return
+        try:
+            self._feed(data)
+        except httptools.HttpParserUpgrade:
+            # no WebSocket or h2c routes: the request was already handed on as plain
+            # HTTP/1.1 (uvicorn does the same when it has no WebSocket library)
+            pass
+
+    def _feed(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if not self._rejected:
+                self._reject(InvalidRequest("malformed HTTP request"))
+            return
+        if self._in_head and not self._rejected and self._head_bytes > self.limits.max_header_bytes:
+            self._reject(
+                HeadersTooLarge(
+                    f"the request head exceeds the {self.limits.max_header_bytes}-byte limit"
+                )
+            )
+
+    # -- parser callbacks ----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:  # a keep-alive connection's next request
+            self._arm(self.limits.header_timeout_s, "the request head did not arrive in time")
+
+    def on_url(self, url: bytes) -> None:
+        if not self._rejected:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._rejected:
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._rejected:
+            return
+        self._in_head = False
+        self._disarm()
+        declared = _content_length(self.headers)
+        if declared is not None and declared > self.limits.max_body_bytes:
+            self._path = self._url_path()
+            self._reject(
+                BodyTooLarge(
+                    f"request body of {declared} bytes exceeds the "
+                    f"{self.limits.max_body_bytes}-byte limit"
+                )
+            )
+            return
+        super().on_headers_complete()
+        self._path = self.scope.get("path", "")
+        if declared or _is_chunked(self.headers):
+            self._arm(self.limits.body_timeout_s, "the request body stalled")
+
+    def on_body(self, body: bytes) -> None:
+        if self._rejected:
+            return
+        if self._deadline is not None:
+            self._arm(self.limits.body_timeout_s, "the request body stalled")
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._in_head = True
+        self._head_bytes = 0
+        if not self._rejected:
+            super().on_message_complete()
+
+    # -- answers the application never sees ---------------------------------------------
+    def send_400_response(self, msg: str) -> None:
+        self._reject(InvalidRequest(f"malformed HTTP request: {msg}"))
+
+    def _reject(self, error: GatewayError) -> None:
+        """Answer ``error`` ourselves, then linger and close."""
+        self._rejected = True
+        self._disarm()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        started = self.cycle is not None and self.cycle.response_started
+        if not started:  # a response already under way cannot be answered over
+            body, extra = self.render(error, self._path or self._url_path())
+            head = [
+                b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n",
+                *(b"%s: %s\r\n" % pair for pair in extra),
+            ]
+            head += [
+                b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in error.headers.items()
+            ]
+            transport.write(b"".join(head) + b"\r\n" + body)
+        log.info(
+            "front door: %d %s", error.status, error.code, extra={"client": _peer(self.client)}
+        )
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
+        try:
+            transport.write_eof()
+        except (NotImplementedError, OSError, RuntimeError):
+            transport.close()
+            return
+        self.loop.call_later(_LINGER_S, transport.close)
+
+    def _url_path(self) -> str:
+        """The path of a request whose head did not complete, as far as it arrived."""
+        url = getattr(self, "url", b"")
+        return url.split(b"?", 1)[0].decode("latin-1") if url else ""
+
+    def _arm(self, seconds: float, why: str) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expired, why)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, why: str) -> None:
+        self._deadline = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # the application is reading this body: tell it the client is gone
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self._reject(RequestTimeout(why))
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # httptools refuses a malformed one itself
+    return None
+
+
+def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers)
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "-"
+
+
+def protocol_for(limits: FrontDoorLimits, render: Render) -> type[FrontDoorProtocol]:
+    """A protocol class bound to one gateway's limits (uvicorn instantiates it per
+    connection)."""
+    return type(
+        "BoundFrontDoorProtocol",
+        (FrontDoorProtocol,),
+        {"limits": limits, "render": staticmethod(render)},
+    )
