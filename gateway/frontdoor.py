@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
@@ -60,9 +61,14 @@ def _default_render(error: GatewayError, path: str) -> tuple[bytes, list[tuple[b
     return msgspec.json.encode(error.envelope()), []
 
 
+@dataclass(frozen=True)
+class _Door:
+    limits: FrontDoorLimits
+    render: Render
+
+
 class FrontDoorProtocol(HttpToolsProtocol):
-    limits: ClassVar[FrontDoorLimits] = FrontDoorLimits()
-    render: ClassVar[Render] = staticmethod(_default_render)
+    door: ClassVar[_Door] = _Door(FrontDoorLimits(), _default_render)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -75,12 +81,12 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        over = len(self.connections) >= self.limits.max_connections
+        over = len(self.connections) >= self.door.limits.max_connections
         super().connection_made(transport)
         if over:
             self._reject(TooManyConnections("too many open connections; retry shortly"))
             return
-        self._arm(self.limits.header_timeout_s, "the request head did not arrive in time")
+        self._arm(self.door.limits.header_timeout_s, "the request head did not arrive in time")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -114,10 +120,14 @@ class FrontDoorProtocol(HttpToolsProtocol):
             if not self._rejected:
                 self._reject(InvalidRequest("malformed HTTP request"))
             return
-        if self._in_head and not self._rejected and self._head_bytes > self.limits.max_header_bytes:
+        if (
+            self._in_head
+            and not self._rejected
+            and self._head_bytes > self.door.limits.max_header_bytes
+        ):
             self._reject(
                 HeadersTooLarge(
-                    f"the request head exceeds the {self.limits.max_header_bytes}-byte limit"
+                    f"the request head exceeds the {self.door.limits.max_header_bytes}-byte limit"
                 )
             )
 
@@ -125,7 +135,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._deadline is None:  # a keep-alive connection's next request
-            self._arm(self.limits.header_timeout_s, "the request head did not arrive in time")
+            self._arm(self.door.limits.header_timeout_s, "the request head did not arrive in time")
 
     def on_url(self, url: bytes) -> None:
         if not self._rejected:
@@ -141,25 +151,25 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm()
         declared = _content_length(self.headers)
-        if declared is not None and declared > self.limits.max_body_bytes:
+        if declared is not None and declared > self.door.limits.max_body_bytes:
             self._path = self._url_path()
             self._reject(
                 BodyTooLarge(
                     f"request body of {declared} bytes exceeds the "
-                    f"{self.limits.max_body_bytes}-byte limit"
+                    f"{self.door.limits.max_body_bytes}-byte limit"
                 )
             )
             return
         super().on_headers_complete()
         self._path = self.scope.get("path", "")
         if declared or _is_chunked(self.headers):
-            self._arm(self.limits.body_timeout_s, "the request body stalled")
+            self._arm(self.door.limits.body_timeout_s, "the request body stalled")
 
     def on_body(self, body: bytes) -> None:
         if self._rejected:
             return
         if self._deadline is not None:
-            self._arm(self.limits.body_timeout_s, "the request body stalled")
+            self._arm(self.door.limits.body_timeout_s, "the request body stalled")
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -182,7 +192,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
             return
         started = self.cycle is not None and self.cycle.response_started
         if not started:  # a response already under way cannot be answered over
-            body, extra = self.render(error, self._path or self._url_path())
+            body, extra = self.door.render(error, self._path or self._url_path())
             head = [
                 b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
                 b"content-type: application/json\r\n",
@@ -252,8 +262,4 @@ def _peer(client: tuple[str, int] | None) -> str:
 def protocol_for(limits: FrontDoorLimits, render: Render) -> type[FrontDoorProtocol]:
     """A protocol class bound to one gateway's limits (uvicorn instantiates it per
     connection)."""
-    return type(
-        "BoundFrontDoorProtocol",
-        (FrontDoorProtocol,),
-        {"limits": limits, "render": staticmethod(render)},
-    )
+    return type("BoundFrontDoorProtocol", (FrontDoorProtocol,), {"door": _Door(limits, render)})

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -37,7 +39,11 @@ class Browser:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self._profile = tempfile.TemporaryDirectory(prefix="orchgate-chromium-")
+        # Chromium's helper processes may still write the profile for a moment after the
+        # browser exits: cleanup must not fail the test on a file that appeared meanwhile
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="orchgate-chromium-", ignore_cleanup_errors=True
+        )
         self._process = subprocess.Popen(
             [
                 chromium_binary(),
@@ -53,6 +59,7 @@ class Browser:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helpers in one process group, ended together
         )
         self._loop = asyncio.new_event_loop()
         self._ids = itertools.count(1)
@@ -134,9 +141,16 @@ class Browser:
             self._run(shutdown())
         finally:
             self._loop.close()
-            self._process.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self._process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+            self._signal_group(signal.SIGKILL)  # helpers that outlived the browser
             self._profile.cleanup()
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

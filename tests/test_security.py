@@ -551,3 +551,29 @@ def test_a_state_changing_request_from_another_origin_is_refused(open_gw: Gatewa
         httpx.get(open_gw.url + "/v1/models", headers={"Origin": "http://evil.example"}).status_code
         == 200
     )
+
+
+def test_engine_output_reaches_the_log_only_at_debug(
+    gateway_factory: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An engine may print what it serves (llama-server -v prints prompts)."""
+    import logging
+
+    canary = "CANARY-ENGINE-OUTPUT-1f2e"
+    launch = ["{python}", "-c", f"import time; print('{canary}', flush=True); time.sleep(60)"]
+    replica = {"id": "r0", "engine": "openai", "url": f"http://127.0.0.1:{free_port()}"}
+    logger = logging.getLogger("orchgate")
+    for level, shown in ((logging.INFO, False), (logging.DEBUG, True)):
+        previous = logger.level
+        logger.setLevel(level)
+        try:
+            config = {
+                "pools": [{"id": "p", "models": ["m"], "replicas": [{**replica, "launch": launch}]}]
+            }
+            with gateway_factory(config) as gw:
+                process = gw.state.pools["p"].processes[0]
+                tail = process.tail
+                assert wait_until(lambda t=tail: any(canary in line for line in t), timeout=20)
+        finally:
+            logger.setLevel(previous)
+        assert (canary in capfd.readouterr().err) is shown

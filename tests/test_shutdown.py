@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import free_port
 from tests.fakes.servers import gateway_process, wait_until
 from tests.fakes.upstream import FakeUpstream
 from tests.prom import scrape
 from tests.sse import read_task_events
+
+pytestmark = pytest.mark.slow  # a real orchgate serve process, signals, a 2 s grace
 
 GRACE_S = 2.0
 MSG = [{"role": "user", "content": "hi"}]
