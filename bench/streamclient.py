@@ -69,7 +69,7 @@ async def one_stream(port: int) -> StreamProtocol:
     done: asyncio.Future[None] = loop.create_future()
     transport, proto = await loop.create_connection(lambda: StreamProtocol(done), "127.0.0.1", port)
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
         b"application/json\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY
     )
     proto.sent_at = time.perf_counter()
@@ -88,7 +88,7 @@ async def one_task(port: int) -> StreamProtocol:
     sent_at = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
-        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(TASK_BODY)).encode() + b"\r\n\r\n" + TASK_BODY
     )
     head = await reader.readuntil(b"\r\n\r\n")
@@ -100,7 +100,7 @@ async def one_task(port: int) -> StreamProtocol:
         lambda: TaskStreamProtocol(done), "127.0.0.1", port
     )
     proto.sent_at = sent_at
-    transport.write(f"GET /v1/tasks/{task_id}/stream HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    transport.write(f"GET /v1/tasks/{task_id}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     await asyncio.wait_for(done, 60)
     transport.close()
     return proto

@@ -41,6 +41,8 @@ from gateway.errors import (
 log = logging.getLogger("orchgate")
 
 _LINGER_S = 2.0
+_HEAD_LATE = "the request head did not arrive in time"
+_BODY_STALLED = "the request body stalled"
 _LINGER_MAX_BYTES = 1 << 20
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
             431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}  # fmt: skip
@@ -72,12 +74,16 @@ class FrontDoorProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        limits = self.door.limits
+        self._max_head, self._max_body = limits.max_header_bytes, limits.max_body_bytes
         self._head_bytes = 0
+        self._body_bytes = 0
+        self._body_mark = 0  # _body_bytes when the body deadline was armed
         self._in_head = True
+        self._in_body = False
         self._rejected = False
         self._lingered = 0
         self._deadline: asyncio.TimerHandle | None = None
-        self._path = ""
 
     # -- connection ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -86,7 +92,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
         if over:
             self._reject(TooManyConnections("too many open connections; retry shortly"))
             return
-        self._arm(self.door.limits.header_timeout_s, "the request head did not arrive in time")
+        self._arm(self.door.limits.header_timeout_s, _HEAD_LATE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -98,20 +104,11 @@ class FrontDoorProtocol(HttpToolsProtocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self._rejected:  # lingering: read and drop, so the answer is not lost to a reset
-            self._lingered += len(data)
-            if self._lingered > _LINGER_MAX_BYTES:
-                self.transport.close()
+        if self._rejected:
+            self._linger(data)
             return
-        try:
-            self._feed(data)
-        except httptools.HttpParserUpgrade:
-            # no WebSocket or h2c routes: the request was already handed on as plain
-            # HTTP/1.1 (uvicorn does the same when it has no WebSocket library)
-            pass
-
-    def _feed(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
+        if self.timeout_keep_alive_task is not None:
+            self._unset_keepalive_if_required()
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -120,62 +117,61 @@ class FrontDoorProtocol(HttpToolsProtocol):
             if not self._rejected:
                 self._reject(InvalidRequest("malformed HTTP request"))
             return
-        if (
-            self._in_head
-            and not self._rejected
-            and self._head_bytes > self.door.limits.max_header_bytes
-        ):
-            self._reject(
-                HeadersTooLarge(
-                    f"the request head exceeds the {self.door.limits.max_header_bytes}-byte limit"
-                )
-            )
+        except httptools.HttpParserUpgrade:
+            # no WebSocket or h2c routes: the request was already handed on as plain
+            # HTTP/1.1 (uvicorn does the same when it has no WebSocket library)
+            return
+        if not self._rejected and (self._in_body or self._in_head):
+            self._check_incomplete()
+
+    def _linger(self, data: bytes) -> None:
+        """After our own answer: read and drop, so it is not lost to a reset."""
+        self._lingered += len(data)
+        if self._lingered > _LINGER_MAX_BYTES:
+            self.transport.close()
+
+    def _check_incomplete(self) -> None:
+        """A request still incomplete after a read: cap its head, and arm its deadline (the
+        common request arrives whole in one read and never costs a timer)."""
+        if self._in_head and self._head_bytes > self._max_head:
+            limit = self._max_head
+            self._reject(HeadersTooLarge(f"the request head exceeds the {limit}-byte limit"))
+        elif self._deadline is None:
+            if self._in_body:
+                self._body_mark = self._body_bytes
+                self._arm(self.door.limits.body_timeout_s, _BODY_STALLED)
+            elif self._head_bytes:
+                self._arm(self.door.limits.header_timeout_s, _HEAD_LATE)
 
     # -- parser callbacks ----------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._deadline is None:  # a keep-alive connection's next request
-            self._arm(self.door.limits.header_timeout_s, "the request head did not arrive in time")
-
-    def on_url(self, url: bytes) -> None:
-        if not self._rejected:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._rejected:
-            super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         if self._rejected:
             return
         self._in_head = False
-        self._disarm()
+        if self._deadline is not None:
+            self._disarm()
         declared = _content_length(self.headers)
-        if declared is not None and declared > self.door.limits.max_body_bytes:
-            self._path = self._url_path()
+        if declared is not None and declared > self._max_body:
             self._reject(
                 BodyTooLarge(
-                    f"request body of {declared} bytes exceeds the "
-                    f"{self.door.limits.max_body_bytes}-byte limit"
+                    f"request body of {declared} bytes exceeds the {self._max_body}-byte limit"
                 )
             )
             return
         super().on_headers_complete()
-        self._path = self.scope.get("path", "")
-        if declared or _is_chunked(self.headers):
-            self._arm(self.door.limits.body_timeout_s, "the request body stalled")
+        self._in_body = True
 
     def on_body(self, body: bytes) -> None:
         if self._rejected:
             return
-        if self._deadline is not None:
-            self._arm(self.door.limits.body_timeout_s, "the request body stalled")
+        self._body_bytes += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        self._in_head = True
-        self._head_bytes = 0
+        if self._deadline is not None:
+            self._disarm()
+        self._in_head, self._in_body = True, False
+        self._head_bytes = self._body_bytes = 0
         if not self._rejected:
             super().on_message_complete()
 
@@ -192,7 +188,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
             return
         started = self.cycle is not None and self.cycle.response_started
         if not started:  # a response already under way cannot be answered over
-            body, extra = self.door.render(error, self._path or self._url_path())
+            body, extra = self.door.render(error, self._request_path())
             head = [
                 b"HTTP/1.1 %d %s\r\n" % (error.status, _REASONS.get(error.status, b"Error")),
                 b"content-type: application/json\r\n",
@@ -216,8 +212,10 @@ class FrontDoorProtocol(HttpToolsProtocol):
             return
         self.loop.call_later(_LINGER_S, transport.close)
 
-    def _url_path(self) -> str:
-        """The path of a request whose head did not complete, as far as it arrived."""
+    def _request_path(self) -> str:
+        """The path of the request being answered, as far as its head arrived."""
+        if self.scope is not None and "path" in self.scope:
+            return str(self.scope["path"])
         url = getattr(self, "url", b"")
         return url.split(b"?", 1)[0].decode("latin-1") if url else ""
 
@@ -234,6 +232,19 @@ class FrontDoorProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport is None or self.transport.is_closing():
             return
+        if why is _BODY_STALLED:
+            if self._body_bytes != self._body_mark:
+                # bytes arrived since it was armed: a slow body, not a stalled one.
+                # Checking at each deadline instead of re-arming per read measures the
+                # silence to within one period (between body_timeout_s and twice that)
+                self._body_mark = self._body_bytes
+                self._arm(self.door.limits.body_timeout_s, why)
+                return
+        elif self.cycle is not None and not self.cycle.response_complete:
+            # a pipelined head waits (reading is paused) while the previous response
+            # streams: its clock starts once that response is done
+            self._arm(self.door.limits.header_timeout_s, why)
+            return
         if self.cycle is not None and not self.cycle.response_complete:
             # the application is reading this body: tell it the client is gone
             self.cycle.disconnected = True
@@ -249,10 +260,6 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
             except ValueError:
                 return None  # httptools refuses a malformed one itself
     return None
-
-
-def _is_chunked(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in headers)
 
 
 def _peer(client: tuple[str, int] | None) -> str:
