@@ -59,14 +59,14 @@ INTEL_NPU_NAMES = {
 }
 
 
-class GpuOverride(Strict):
+class GpuOverride(Strict, frozen=True):
     index: Annotated[int, Meta(ge=0)]
     name: str
     vram_gb: Annotated[float, Meta(gt=0)]
     bandwidth_gbps: Annotated[float, Meta(gt=0)] | None = None
 
 
-class HardwareConfig(Strict):
+class HardwareConfig(Strict, frozen=True):
     """``[hardware]``: what the operator knows better than detection. Set keys win;
     ``gpus`` replaces the detected list as a whole."""
 

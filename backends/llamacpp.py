@@ -11,7 +11,7 @@ from backends.base import ReplicaInfo, ReplicaLoad
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
-class LlamaCppReplicaConfig(HttpReplicaConfig, tag="llamacpp"):
+class LlamaCppReplicaConfig(HttpReplicaConfig, tag="llamacpp", frozen=True):
     """llama-server needs nothing beyond the common keys."""
 
 

@@ -11,7 +11,7 @@ import os
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend
 
 
-class OpenAIReplicaConfig(HttpReplicaConfig, tag="openai"):
+class OpenAIReplicaConfig(HttpReplicaConfig, tag="openai", frozen=True):
     """``api_key`` or ``api_key_env`` (the name of an environment variable) authenticate
     the gateway to the upstream; the client's own gateway token is never forwarded."""
 

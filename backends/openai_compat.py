@@ -39,7 +39,7 @@ from backends.http1 import Http1Pool, Http1Response, Interrupted, UpstreamClosed
 _MAX_ERROR_BODY = 64 * 1024
 
 
-class HttpReplicaConfig(Strict, tag_field="engine"):
+class HttpReplicaConfig(Strict, tag_field="engine", frozen=True):
     """Keys every HTTP engine accepts under ``[[pools.replicas]]``."""
 
     id: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+\Z")]

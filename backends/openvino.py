@@ -11,7 +11,7 @@ from backends.base import WORKER_ENDPOINTS, Endpoint, ReplicaInfo
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
-class OpenVINOReplicaConfig(HttpReplicaConfig, tag="openvino"):
+class OpenVINOReplicaConfig(HttpReplicaConfig, tag="openvino", frozen=True):
     """The worker needs nothing beyond the common keys (``launch`` runs it managed)."""
 
 

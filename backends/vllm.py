@@ -11,7 +11,7 @@ from backends.base import ReplicaInfo, ReplicaLoad
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
-class VLLMReplicaConfig(HttpReplicaConfig, tag="vllm"):
+class VLLMReplicaConfig(HttpReplicaConfig, tag="vllm", frozen=True):
     """vLLM needs nothing beyond the common keys; set ``slots`` to its ``--max-num-seqs``."""
 
 

@@ -21,6 +21,7 @@ class ClientDisconnected(Exception):
 
 def header(scope: Scope, name: bytes) -> bytes | None:
     """First value of a request header; ``name`` must be lower-case."""
+    value: bytes
     for key, value in scope["headers"]:
         if key == name:
             return value

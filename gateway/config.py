@@ -30,7 +30,7 @@ class ConfigError(Exception):
     """Config that must not be applied; the message names the file and the key."""
 
 
-class CorsConfig(Strict):
+class CorsConfig(Strict, frozen=True):
     """Off unless ``allow_origins`` is set. Preflights pass without auth and reflect any
     requested header (the OpenAI JS SDK sends ``X-Stainless-*``)."""
 
@@ -39,7 +39,7 @@ class CorsConfig(Strict):
     max_age_s: Annotated[int, Meta(ge=0)] = 600
 
 
-class ServerConfig(Strict):
+class ServerConfig(Strict, frozen=True):
     bind: str = "127.0.0.1:8080"
     # Host names this gateway answers besides loopback names and the bind address: a
     # request with any other Host is refused (DNS rebinding). With a wildcard bind
@@ -61,14 +61,14 @@ class ServerConfig(Strict):
     shutdown_grace_s: Annotated[float, Meta(ge=0)] = 30.0
 
 
-class AuthConfig(Strict):
+class AuthConfig(Strict, frozen=True):
     # the data plane: OpenAI routes, tasks, models, read-only status
     token: str | None = None
     # the control plane: anything that changes what runs (reloads, forced releases)
     admin_token: str | None = None
 
 
-class RetryConfig(Strict):
+class RetryConfig(Strict, frozen=True):
     """Retries before the first byte (``policies.retry``)."""
 
     attempts: Annotated[int, Meta(ge=1, le=10)] = 3
@@ -80,7 +80,7 @@ class RetryConfig(Strict):
     budget_min: Annotated[int, Meta(ge=0)] = 3
 
 
-class TimeoutConfig(Strict):
+class TimeoutConfig(Strict, frozen=True):
     """Upstream deadlines. Connect is per replica (``connect_timeout_s``)."""
 
     # streams: from sending the request to the first byte of the answer
@@ -91,7 +91,7 @@ class TimeoutConfig(Strict):
     total_s: Annotated[float, Meta(gt=0)] = 600.0
 
 
-class EjectionConfig(Strict):
+class EjectionConfig(Strict, frozen=True):
     """Passive health: consecutive failures take a replica out for a growing cooldown."""
 
     consecutive_failures: Annotated[int, Meta(ge=1)] = 5
@@ -105,7 +105,7 @@ ModelNames = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length
 Replicas = Annotated[list[ReplicaConfig], Meta(min_length=1)]
 
 
-class PoolVariant(Strict):
+class PoolVariant(Strict, frozen=True):
     """A named alternative setting of a pool -- another model, other launch settings -- that
     ``POST /v1/pools/{id}/reload`` (and the status page's swap control) can switch to."""
 
@@ -115,7 +115,7 @@ class PoolVariant(Strict):
     max_context_tokens: Annotated[int, Meta(ge=1)] | None = None
 
 
-class PoolConfig(Strict):
+class PoolConfig(Strict, frozen=True):
     id: Identifier
     models: ModelNames
     replicas: Replicas
@@ -134,7 +134,7 @@ class PoolConfig(Strict):
     variants: list[PoolVariant] = []
 
 
-class TasksConfig(Strict):
+class TasksConfig(Strict, frozen=True):
     """The OrchQueue task API: defaults for minimal clients and bounded retention."""
 
     default_max_tokens: Annotated[int, Meta(ge=1)] = 256
@@ -144,7 +144,7 @@ class TasksConfig(Strict):
     max_finished_bytes: Annotated[int, Meta(ge=0)] = 256 * 1024 * 1024
 
 
-class MetricsConfig(Strict):
+class MetricsConfig(Strict, frozen=True):
     """``GET /metrics``: the Home-profile series always; per-backend detail on request."""
 
     # adds TTFT and duration histograms, upstream errors by kind, retries, ejections and
@@ -157,7 +157,7 @@ class MetricsConfig(Strict):
 WebhookEvent = Literal["swap_complete", "swap_failed"]
 
 
-class WebhookConfig(Strict):
+class WebhookConfig(Strict, frozen=True):
     """A receiver of lifecycle events, POSTed as JSON and signed with HMAC-SHA256
     (``gateway.webhooks``). The secret is given inline or, better, through ``secret_env``."""
 
@@ -171,7 +171,7 @@ class WebhookConfig(Strict):
     max_attempts: Annotated[int, Meta(ge=1, le=20)] = 5
 
 
-class Config(Strict):
+class Config(Strict, frozen=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     tasks: TasksConfig = TasksConfig()

@@ -99,8 +99,8 @@ async def dispatch(
             with manager:
                 if failed is not None:
                     # replay the first failure so tenacity makes the first retry decision
-                    error, failed = failed, None
-                    raise error
+                    replayed, failed = failed, None
+                    raise replayed
                 pool.retried += 1
                 try:
                     return await run.once(retry=True)

@@ -106,7 +106,7 @@ class Ejector:
         replica.ejections += 1
         replica.ejected_total += 1
         replica.failures = 0
-        cooldown = min(self.max_cooldown_s, self.cooldown_s * 2 ** (replica.ejections - 1))
+        cooldown: float = min(self.max_cooldown_s, self.cooldown_s * 2 ** (replica.ejections - 1))
         replica.ejected_until = now + cooldown
         detail = (
             f"ejected for {cooldown:g}s after {self.threshold} consecutive failures "

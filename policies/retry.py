@@ -94,7 +94,7 @@ class RetryPolicy:
     def backoff_s(self, attempt: int) -> float:
         """Exponential with equal jitter: half fixed, half random."""
         ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
 
     def attempts(
         self,

@@ -139,7 +139,7 @@ def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 -
             "model_path": gen.config.model_path,
             "device": gen.config.device,
             "cache_dir": cache,
-            "cache_exists": bool(cache) and Path(cache).exists(),
+            "cache_exists": bool(cache and Path(cache).exists()),
             "loaded": gen.loaded,
             "initial_load_ms": gen.initial_load_ms,
             "busy_time_us": read_busy_time(gen.config.busy_time_path)

@@ -49,9 +49,9 @@ class InvalidJob(ValueError):
 def resolve_job(name: object) -> Job:
     if not isinstance(name, str):
         raise InvalidJob("job must be one of " + ", ".join(j.value for j in Job))
-    name = ALIASES.get(name, name)
+    job_name = ALIASES.get(name, name)
     try:
-        return Job(name)
+        return Job(job_name)
     except ValueError:
         raise InvalidJob(
             f"unsupported job {name!r}; expected one of " + ", ".join(j.value for j in Job)

@@ -53,7 +53,7 @@ log = logging.getLogger("orchgate.lifecycle")
 DEFAULT_VARIANT = "default"
 
 
-class ReloadRequest(Strict):
+class ReloadRequest(Strict, frozen=True):
     """``POST /v1/pools/{id}/reload`` body. Empty: the pool as the config file defines it
     now. ``variant``: one of the pool's ``[[pools.variants]]`` (or ``"default"``).
     ``strategy`` overrides the pool's ``swap_strategy`` for this reload. Nothing else: a

@@ -29,7 +29,7 @@ TOKEN_HEADER = "x-reservation-token"
 _HARDWARE_CACHE_S = 30.0
 
 
-class ReserveRequest(Strict):
+class ReserveRequest(Strict, frozen=True):
     holder: Annotated[str, Meta(min_length=1, max_length=128)]
     ttl_s: Annotated[float, Meta(ge=1, le=86_400)] = 600.0
 
