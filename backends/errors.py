@@ -8,7 +8,13 @@
      ├─ BackendOverloaded    upstream 429/503 (+ its Retry-After)         retryable
      ├─ BackendFailed        upstream 5xx other than 503                  retryable
      ├─ BackendRejected      upstream 4xx: the client's fault, passed on  not retryable
+     │   └─ BackendUnservable  a 5xx the engine says is the request's fault (501,
+     │                         ``not_supported_error``, "... not supported")  not retryable
      └─ BackendInterrupted   the gateway cut it (shutting down)           not retryable
+
+``answered``: the replica sent a well-formed HTTP answer (any status, or an in-band error
+event). Such a replica is alive, whatever the status says: health counts only transport
+failures and timeouts against it (``policies.health``).
 
 ``retryable`` is explicit per class and defaults to ``False``. Every error carries the body
 the client should see, already in the OpenAI envelope: vLLM and llama.cpp send integer
@@ -120,6 +126,7 @@ class BackendError(Exception):
         self.status = status or self.default_status
         self.retry_after_s = retry_after_s
         self.attempts = 1  # set by dispatch when retries were exhausted
+        self.answered = False  # the upstream answered this error itself (see module doc)
         self.body = body or {
             "error": {
                 "message": message,
@@ -163,6 +170,15 @@ class BackendRejected(BackendError):
     kind = "rejected"
 
 
+class BackendUnservable(BackendRejected):
+    """Engines answer some bad requests with a 5xx (llama-server: embeddings without
+    ``--embeddings`` is 501, an image to a text model 500): the request's error, passed
+    on as it is, never retried elsewhere and never held against the replica."""
+
+    default_status = 501
+    kind = "unservable"
+
+
 class BackendInterrupted(BackendError):
     retryable = False
     default_status = 503
@@ -186,13 +202,15 @@ def error_from_status(
         cls = BackendOverloaded
     elif status in (408, 504):
         cls = BackendTimeout
+    elif status >= 500 and _names_the_request(status, raw, message):
+        cls = BackendUnservable
     elif status >= 500:
         cls = BackendFailed
     elif status == 409:
         cls = BackendFailed  # a conflict is transient by OpenAI convention; try again
     else:
         cls = BackendRejected
-    return cls(
+    error = cls(
         message,
         replica_id=replica_id,
         engine=engine,
@@ -200,6 +218,20 @@ def error_from_status(
         retry_after_s=retry_after_s,
         body=body,
     )
+    error.answered = True
+    return error
+
+
+# what engines say when a request asks for something this server cannot do
+_UNSERVABLE_TYPES = (b'"not_supported_error"', b'"NotImplementedError"')
+_UNSERVABLE_WORDS = ("not supported", "unsupported", "does not support", "not implemented")
+
+
+def _names_the_request(status: int, raw: bytes, message: str) -> bool:
+    if status == 501 or any(t in raw for t in _UNSERVABLE_TYPES):
+        return True
+    lowered = message.lower()
+    return any(word in lowered for word in _UNSERVABLE_WORDS)
 
 
 def parse_retry_after(value: str | None) -> float | None:

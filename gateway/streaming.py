@@ -153,10 +153,12 @@ class SseReader:
         except StopAsyncIteration:
             raise BackendFailed("upstream closed the stream before the first event") from None
         if first.startswith(b'data: {"error"'):
-            raise BackendFailed(
+            error = BackendFailed(
                 "upstream stream opened with an error event",
                 body=openai_error_body(502, first[6:].split(b"\n", 1)[0]),
             )
+            error.answered = True  # the engine is alive and said why
+            raise error
         return first
 
     async def rest(self) -> AsyncIterator[bytes]:

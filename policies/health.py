@@ -73,7 +73,11 @@ def mark_unreachable(replica: ReplicaState, queue: AdmissionQueue, detail: str) 
 
 
 def counts_as_failure(error: BackendError) -> bool:
-    """Whether a data-plane error says something about the replica's health."""
+    """Whether a data-plane error says something about the replica's health: transport
+    failures and timeouts do; an error the replica answered itself (any status) does not
+    -- a stream of bad requests must not eject a healthy replica."""
+    if error.answered:
+        return False
     return not isinstance(error, BackendOverloaded | BackendRejected | BackendInterrupted)
 
 
@@ -139,6 +143,8 @@ class HealthMonitor:
         """A data-plane failure: maybe eject; probe at once when the replica is unreachable
         (a passing probe is what brings it back)."""
         if not counts_as_failure(error):
+            if error.answered and error.status >= 500 and not isinstance(error, BackendRejected):
+                self.wake(replica.replica_id)  # a 5xx: let the probe decide, now
             return
         cooldown = self.ejector.record_failure(replica)
         if cooldown is not None:

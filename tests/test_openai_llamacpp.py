@@ -236,3 +236,21 @@ def test_concurrent_streams_all_complete(client: openai.OpenAI, gateway: Gateway
         t.join(timeout=60)
     assert not errors and len(results) == 8
     assert wait_until(lambda: gateway.slots_in_use() == 0, timeout=2)
+
+
+def test_bad_requests_the_engine_answers_with_5xx_never_take_the_pool_down(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
+    """llama-server answers embeddings without ``--embeddings`` with 501: that is the
+    request's error. Passed on once (not retried), never counted against the replica: a
+    stream of them leaves the only replica serving everyone else."""
+    for _ in range(12):  # the default ejection threshold is far below this
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.embeddings.create(model=MODEL, input="hello")
+        assert caught.value.status_code == 501
+        assert caught.value.response.headers["x-orchgate-attempts"] == "1"
+        assert "embeddings" in str(caught.value.body)
+    replica = httpx.get(f"{gateway.url}/v1/pools/chat/health").json()["metrics"]["replicas"][0]
+    assert replica["ready"] is True and replica["ejections"] == 0, replica
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+    assert reply.choices[0].message.content is not None

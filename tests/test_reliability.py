@@ -16,6 +16,7 @@ from backends.errors import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
+    BackendUnservable,
     error_from_status,
 )
 from policies.admission import AdmissionQueue
@@ -164,15 +165,34 @@ def test_what_counts_against_a_replica() -> None:
     def status(code: int) -> Any:
         return error_from_status(code, b"", replica_id="r", engine="e", retry_after=None)
 
-    assert counts_as_failure(BackendUnavailable("x"))
+    assert counts_as_failure(BackendUnavailable("x"))  # transport failures and timeouts
     assert counts_as_failure(BackendTimeout("x"))
-    assert counts_as_failure(BackendFailed("x"))
-    assert counts_as_failure(status(500))
+    assert counts_as_failure(BackendFailed("upstream dropped the request"))
+    # a well-formed answer, whatever its status, says the replica is alive: the probe decides
+    assert not counts_as_failure(status(500))
+    assert not counts_as_failure(status(502))
     assert not counts_as_failure(status(503))  # alive and busy (or loading: probes know)
     assert not counts_as_failure(status(429))
     assert not counts_as_failure(status(400))
     assert isinstance(status(429), BackendOverloaded)
     assert isinstance(status(422), BackendRejected)
+    # what the engine says is the request's fault is passed on, never retried elsewhere
+    llama_501 = (
+        b'{"error":{"code":501,"message":"This server does not support embeddings. Start it '
+        b'with `--embeddings`","type":"not_supported_error"}}'
+    )
+    llama_image = (
+        b'{"error":{"code":500,"message":"image input is not supported - hint: if this is '
+        b'unexpected, you may need to provide the mmproj","type":"server_error"}}'
+    )
+    for status_code, raw in ((501, llama_501), (500, llama_image), (501, b"")):
+        error = error_from_status(status_code, raw, replica_id="r", engine="e", retry_after=None)
+        assert isinstance(error, BackendUnservable) and not error.retryable, raw
+        assert error.status == status_code and not counts_as_failure(error)
+    generic = error_from_status(
+        500, b'{"error": "boom"}', replica_id="r", engine="e", retry_after=None
+    )
+    assert isinstance(generic, BackendFailed) and generic.retryable  # another replica may serve
 
 
 def test_budget_and_damping_units() -> None:
