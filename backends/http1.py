@@ -70,6 +70,7 @@ class Http1Response:
         "_wait_since",
         "_waiter",
         "content_type",
+        "framed",
         "keep_alive",
         "received",
         "retry_after",
@@ -82,6 +83,9 @@ class Http1Response:
         self.content_type = "application/json"
         self.retry_after: str | None = None
         self.keep_alive = True
+        # Content-Length or chunked; without either, the body ends when the upstream
+        # closes the connection (RFC 9112 6.3), which is then a normal end, not a failure
+        self.framed = False
         self.received = False
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -211,7 +215,10 @@ class Http1Connection(asyncio.Protocol):
         self.pool._all.discard(self)  # every close path ends here: no reference outlives it
         response = self.response
         if response is not None and not response._done:
-            response._fail(UpstreamClosed(f"upstream closed the connection ({exc or 'EOF'})"))
+            if exc is None and response.status and not response.framed:
+                response._finish()  # a close-delimited body: this EOF is its end
+            else:
+                response._fail(UpstreamClosed(f"upstream closed the connection ({exc or 'EOF'})"))
 
     # -- httptools callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -223,6 +230,8 @@ class Http1Connection(asyncio.Protocol):
             response.content_type = value.decode("latin-1")
         elif lowered == b"retry-after":
             response.retry_after = value.decode("latin-1")
+        elif lowered == b"content-length" or lowered == b"transfer-encoding":
+            response.framed = True
 
     def on_headers_complete(self) -> None:
         response = self.response

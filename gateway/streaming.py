@@ -1,8 +1,10 @@
 """SSE relay: upstream bytes to the client, event for event, never merged or re-split.
 
-Events are cut only at their ``\\n\\n`` boundary, so a client always receives whole events
-exactly as the engine wrote them (several events that arrived in one read go out in one
-write; no event is ever split across writes by us). The relay also:
+Events are cut only at their boundary -- a blank line, with any of the line endings the SSE
+format allows (LF, CRLF, CR; sse-starlette and so many Python servers send CRLF) -- so a
+client always receives whole events exactly as the engine wrote them (several events that
+arrived in one read go out in one write; no event is ever split across writes by us, nor
+re-framed). ``data:`` is read with or without its space. The relay also:
 
 * holds the response until the first whole event, so a failure before it can still be
   retried elsewhere (:meth:`SseReader.first`);
@@ -14,7 +16,8 @@ write; no event is ever split across writes by us). The relay also:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 
@@ -46,6 +49,67 @@ def _code_for(error: BackendError) -> str:
 
 
 _encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+# a blank line: two line ends in a row, each CRLF, LF or CR
+# (a CR directly followed by LF is one CRLF, never a CR line end plus an LF one)
+_BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DONE_LINE = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\](?:\r\n|\r|\n|$)")
+
+
+def last_boundary(buffer: bytes) -> int:
+    """The offset just after the last complete event in ``buffer``, or -1. LF-only streams
+    (every engine this gateway ships adapters for) take one ``rfind``."""
+    if b"\r" not in buffer:
+        cut = buffer.rfind(b"\n\n")
+        return cut + 2 if cut >= 0 else -1
+    end = -1
+    for match in _BOUNDARY.finditer(buffer):
+        end = match.end()
+    return end
+
+
+def count_events(events: bytes) -> int:
+    if b"\r" not in events:
+        return events.count(b"\n\n")
+    return len(_BOUNDARY.findall(events))
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The ``data`` of one event (its ``data:`` lines joined by LF, per the SSE rules), or
+    None when it has none. ``event:``/``id:``/``retry:``/comment lines are skipped."""
+    if event.startswith(b"data: ") and b"\n" not in event and b"\r" not in event:
+        return event[6:]  # the common one-line event
+    lines = [line for line in _LINE_END.split(event) if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+
+
+def split_events(batch: bytes) -> Iterator[bytes]:
+    """The events of a batch of whole events, each without its blank line."""
+    if b"\r" not in batch:
+        for event in batch.split(b"\n\n"):
+            if event:
+                yield event
+        return
+    start = 0
+    for match in _BOUNDARY.finditer(batch):
+        if match.start() > start:
+            yield batch[start : match.start()]
+        start = match.end()
+    if start < len(batch):
+        yield batch[start:]
+
+
+def has_done(events: bytes) -> bool:
+    """Whether a batch holds the ``[DONE]`` event (``data:[DONE]`` too)."""
+    if b"[DONE]" not in events:
+        return False
+    if events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events:
+        return True  # JSON strings hold no raw newlines, so only a real event matches
+    return _DONE_LINE.search(events) is not None
 
 
 class StreamStats:
@@ -85,6 +149,25 @@ def _translate_error_fields(events: bytes) -> bytes:
     return b"\n".join(out)
 
 
+def _opening_error(first: bytes) -> BackendFailed | None:
+    """A stream whose first event is an in-band error (any framing, any JSON spacing)."""
+    if b'"error"' not in first:
+        return None
+    data = event_data(next(split_events(first), b""))
+    if data is None or not data.lstrip().startswith(b"{"):
+        return None
+    try:
+        decoded = _decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if not (isinstance(decoded, dict) and "error" in decoded):
+        return None
+    error = BackendFailed("upstream stream opened with an error event")
+    error.body = openai_error_body(502, data)
+    error.answered = True  # the engine is alive and said why
+    return error
+
+
 class SseReader:
     """Cuts an upstream byte stream into whole-event batches: ``first()`` once (still
     retryable), then ``rest()`` for everything after it."""
@@ -99,46 +182,61 @@ class SseReader:
         self._batches = self._cut()
 
     def _take_usage(self, events: bytes) -> bytes:
-        kept = []
-        for event in events.split(b"\n\n"):
-            if event.startswith(b"data: {") and b'"usage":{' in event:
-                usage, usage_only = usage_of(event[6:])
-                if usage is not None:
-                    self.stats.usage = usage
-                    if usage_only and self._hide_usage:
-                        self.stats.events -= 1
-                        continue
-            kept.append(event)
-        return b"\n\n".join(kept)
+        """Read the engine's usage by decoding each event that mentions it (any JSON
+        spacing, any framing); drop the usage-only chunk the gateway asked for itself."""
+        hidden = []
+        for event in split_events(events):
+            if b'"usage"' not in event or b'"usage":null' in event:
+                continue  # (a spaced null is decoded: correct, only slower)
+            data = event_data(event)
+            if data is None or not data.startswith(b"{"):
+                continue
+            usage, usage_only = usage_of(data)
+            if usage is not None:
+                self.stats.usage = usage
+                if usage_only and self._hide_usage:
+                    hidden.append(event)
+        for event in hidden:  # rare: once per stream at most
+            self.stats.events -= 1
+            at = events.find(event)
+            end = last_boundary(events[: at + len(event) + 4]) if at >= 0 else -1
+            if at >= 0 and end > at:
+                events = events[:at] + events[end:]
+        return events
 
     def _inspect(self, events: bytes) -> bytes:
         stats = self.stats
-        stats.events += events.count(b"\n\n")
+        stats.events += events.count(b"\n\n") if b"\r" not in events else count_events(events)
         if b"error:" in events and (events.startswith(b"error:") or b"\nerror:" in events):
             events = _translate_error_fields(events)
-        if b'"usage":{' in events:  # the last chunk or two; null usage never matches
+        if b'"usage"' in events:  # the last chunk or two (and "usage":null on some engines)
             events = self._take_usage(events)
-        # JSON strings hold no raw newlines, so only a real event can match these
-        if events.startswith(b"data: [DONE]") or b"\n\ndata: [DONE]" in events:
+        if b"[DONE]" in events and has_done(events):
             stats.done = True
         return events
 
     async def _cut(self) -> AsyncIterator[bytes]:
-        """Whole events as they complete; at EOF, any unterminated tail is flushed."""
+        """Whole events as they complete; at EOF, what is left is flushed (an unterminated
+        event gets its blank line; anything else goes as it came)."""
         async for data in self._chunks:
             buffer = self._buffer + data if self._buffer else data
-            cut = buffer.rfind(b"\n\n")
+            if b"\r" in buffer:
+                cut = last_boundary(buffer)
+            else:  # the LF-only fast path of last_boundary, inline: once per read
+                cut = buffer.rfind(b"\n\n")
+                cut = cut + 2 if cut >= 0 else -1
             if cut < 0:
                 self._buffer = buffer
                 continue
-            cut += 2
             self._buffer = buffer[cut:]
             batch = self._inspect(buffer[:cut])
             if batch:  # empty only when it held nothing but a hidden usage chunk
                 yield batch
-        if self._buffer.strip():
+        if self._buffer:
             tail, self._buffer = self._buffer, b""
-            batch = self._inspect(tail + b"\n\n")
+            if tail.strip() and last_boundary(tail) != len(tail):
+                tail += b"\n\n"  # an unterminated last event: end it so clients dispatch it
+            batch = self._inspect(tail)  # else as it came (the LF of a split CRLF, say)
             if batch:
                 yield batch
 
@@ -152,12 +250,8 @@ class SseReader:
             first = await anext(self._batches)
         except StopAsyncIteration:
             raise BackendFailed("upstream closed the stream before the first event") from None
-        if first.startswith(b'data: {"error"'):
-            error = BackendFailed(
-                "upstream stream opened with an error event",
-                body=openai_error_body(502, first[6:].split(b"\n", 1)[0]),
-            )
-            error.answered = True  # the engine is alive and said why
+        error = _opening_error(first)
+        if error is not None:
             raise error
         return first
 
@@ -168,6 +262,8 @@ class SseReader:
             async for batch in self._batches:
                 yield batch
         except BackendError as exc:
+            if stats.done:  # the stream was complete; what followed [DONE] does not matter
+                return
             code = _code_for(exc)
             stats.failed = code
             yield error_event(f"upstream failed mid-stream: {exc.message}", code=code)

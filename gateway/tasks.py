@@ -35,7 +35,7 @@ from backends.errors import (
 from gateway.config import TasksConfig
 from gateway.dispatch import Committed, dispatch
 from gateway.logging import AccessLog, TaskRecord
-from gateway.streaming import CODE_SHUTDOWN, CODE_TIMEOUT
+from gateway.streaming import CODE_SHUTDOWN, CODE_TIMEOUT, event_data, split_events
 from policies.admission import AdmissionError, Priority, Ticket
 
 if TYPE_CHECKING:
@@ -429,10 +429,10 @@ class TaskBook:
     @staticmethod
     def _consume(task: Task, batch: bytes) -> bool:
         """Turn OpenAI SSE events into ``token`` events; True once the stream is over."""
-        for event in batch.split(b"\n\n"):
-            if not event.startswith(b"data: "):
+        for event in split_events(batch):
+            data = event_data(event)
+            if data is None:
                 continue
-            data = event[6:]
             if data == b"[DONE]":
                 return True
             try:
