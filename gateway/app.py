@@ -240,6 +240,7 @@ def create_app(
 
 _encoder = msgspec.json.Encoder()
 _QUIET_PATHS = frozenset({"/health", "/metrics"})
+_MODEL_PREFIXES = ("/v1/models/", "/models/")
 
 
 def _front_door_answer(error: GatewayError, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -289,6 +290,7 @@ class GatewayApp:
         self._logs_itself = set(self._hot)  # the proxy writes its own, richer lines
         for path in ("/v1/models", "/models"):
             self._hot[path] = proxy.models
+        self._model = proxy.model  # /v1/models/{id}: ids may hold slashes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -311,7 +313,10 @@ class GatewayApp:
 
     async def _route(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["method"] != "OPTIONS":
-            handler = self._hot.get(scope["path"])
+            path = scope["path"]
+            handler = self._hot.get(path)
+            if handler is None and path.startswith(_MODEL_PREFIXES):
+                handler = self._model
             if handler is not None:
                 if self._cors or self._cors_any:
                     send = self._with_cors(scope, send)

@@ -218,6 +218,7 @@ def validate(config: Config) -> None:
             "127.0.0.1."
         )
     _check_auth(config.auth)
+    _check_cors(config.server.cors)
     owner: dict[str, str] = {}
     replica_ids: set[str] = set()
     for i, pool in enumerate(config.pools):
@@ -239,6 +240,14 @@ def validate(config: Config) -> None:
     for i, hook in enumerate(config.webhooks):
         if (hook.secret is None) == (hook.secret_env is None):
             raise ConfigError(f"webhooks[{i}]: set exactly one of secret and secret_env")
+
+
+def _check_cors(cors: CorsConfig) -> None:
+    if cors.allow_credentials and "*" in cors.allow_origins:
+        raise ConfigError(
+            "server.cors: browsers refuse allow_credentials with the '*' origin; list the "
+            "origins that may send credentials"
+        )
 
 
 def _check_auth(auth: AuthConfig) -> None:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from gateway.state import GatewayState, PoolRuntime
     from policies.replicas import ReplicaState
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Litestar appends "; charset=utf-8" to text/* media types itself
+MEDIA_TYPE = "text/plain; version=0.0.4"
 MODEL_STATES = ("Active", "Retired")
 REJECTION_REASONS = tuple(
     error.reason for error in (QueueFull, PoolUnready, QueueTimeout, PoolClosed)

@@ -246,6 +246,21 @@ def _control_paths(pool_ids: list[str]) -> dict[str, Any]:
                 },
             }
         },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model name the gateway serves (models.retrieve)",
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "required": ["id", "object", "created", "owned_by"]},
+                        "the model",
+                    ),
+                    **_errors(_OPENAI_ERRORS, "OpenAIError", ("401", "404")),
+                },
+            }
+        },
     }
 
 

@@ -17,7 +17,7 @@ from backends.registry import ModelIndex, build_backend
 from gateway.config import Config, PoolConfig
 from gateway.metrics import ReplicaLatency
 from gateway.tasks import TaskBook
-from gateway.wire import models_list
+from gateway.wire import encoder, model_object, models_list
 from policies.admission import AdmissionQueue, PoolClosed, QueueFull, QueueTimeout
 from policies.health import Ejector, HealthMonitor, mark_unreachable
 from policies.replicas import ReplicaState
@@ -160,9 +160,12 @@ class GatewayState:
         """Rebuild the model routing table and ``/v1/models`` from the pools (start, reload)."""
         configs = [pool.config for pool in self.pools.values()]
         self.models = ModelIndex((p.id, p.models) for p in configs)
-        self.models_body = models_list(
-            [(name, p.models[0], p.id) for p in configs for name in p.models], self.started_at
-        )
+        names = [(name, p.models[0], p.id) for p in configs for name in p.models]
+        self.models_body = models_list(names, self.started_at)
+        self.model_bodies = {
+            name: encoder.encode(model_object(name, canonical, pool, self.started_at))
+            for name, canonical, pool in names
+        }
 
     async def settled(self, pool: PoolRuntime) -> PoolRuntime:
         """The pool that serves ``pool.id`` once no in-place swap holds it. The data plane

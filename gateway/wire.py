@@ -134,17 +134,19 @@ def with_stream_usage(body: bytes, *, replace: bool = False) -> bytes:
     return body[:start] + _ASK_FOR_USAGE + body[start:]
 
 
+def model_object(name: str, canonical: str, pool: str, created: int) -> dict[str, Any]:
+    """One OpenAI ``Model``: what ``GET /v1/models/{id}`` answers and the list holds."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "orchgate",
+        "root": canonical,
+        "pool": pool,
+    }
+
+
 def models_list(names: list[tuple[str, str, str]], created: int) -> bytes:
     """``GET /v1/models``: OpenAI list shape; ``(id, canonical, pool)`` per name."""
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "orchgate",
-            "root": canonical,
-            "pool": pool,
-        }
-        for name, canonical, pool in names
-    ]
+    data = [model_object(name, canonical, pool, created) for name, canonical, pool in names]
     return encoder.encode({"object": "list", "data": data})

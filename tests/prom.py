@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     response = httpx.get(url + "/metrics", timeout=5)
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     series: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:

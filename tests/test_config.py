@@ -172,3 +172,10 @@ def test_every_config_key_is_documented_in_the_readme_and_the_example() -> None:
     leaf_names = {k.rsplit(".", 1)[-1] for k in keys}
     missing = [n for n in leaf_names if not re.search(rf"^#? ?{n} =", example, re.M)]
     assert missing == [], "orchgate.example.toml lacks these keys"
+
+
+def test_cors_wildcard_with_credentials_is_refused() -> None:
+    with pytest.raises(ConfigError, match="allow_credentials"):
+        parse_config(
+            MINIMAL + '\n[server.cors]\nallow_origins = ["*"]\nallow_credentials = true\n', env={}
+        )

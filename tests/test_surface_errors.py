@@ -310,3 +310,20 @@ def test_unreachable_replica_is_503(gateway_factory: Any) -> None:
         response = post(gateway, CHAT)
         assert_envelope(response, 503)
         assert response.headers["retry-after"]
+
+
+def test_models_retrieve_answers_each_name_and_404s_the_rest(gw: Gateway) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    for name in ("m", "m-alias"):
+        model = client.models.retrieve(name)
+        assert model.id == name and model.object == "model" and model.owned_by == "orchgate"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("nope")
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert httpx.get(gw.url + "/models/m").json()["id"] == "m"  # without /v1, like the list
+    assert (
+        httpx.post(
+            gw.url + "/v1/models/m", headers={"content-type": "application/json"}
+        ).status_code
+        == 405
+    )

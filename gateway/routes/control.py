@@ -19,7 +19,7 @@ from backends.errors import BackendError
 from gateway import __version__
 from gateway.errors import NotFound
 from gateway.lifecycle import Lifecycle
-from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
 from gateway.metrics import Metrics
 from gateway.state import GatewayState, PoolRuntime
 from policies.admission import Priority
@@ -149,7 +149,7 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
 
     metrics_text = Metrics(state)
 
-    @get("/metrics", media_type=METRICS_CONTENT_TYPE)
+    @get("/metrics", media_type=METRICS_MEDIA_TYPE)
     async def metrics() -> bytes:
         """Prometheus text; unauthenticated like ``/health`` (scrapers rarely send tokens)."""
         return metrics_text.render()

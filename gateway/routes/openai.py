@@ -221,6 +221,24 @@ class OpenAIProxy:
             return
         await send_bytes(send, 200, self.state.models_body, headers)
 
+    async def model(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """``GET /v1/models/{id}`` (``models.retrieve()``); ids may hold slashes."""
+        rid = request_id(scope)
+        headers: Headers = [(b"x-request-id", rid.encode())]
+        path: str = scope["path"]
+        name = path.removeprefix("/v1/models/") if path.startswith("/v1/") else path[8:]
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise MethodNotAllowed("use GET for this route")
+            self.auth.check(header(scope, b"authorization"))
+            body = self.state.model_bodies.get(name)
+            if body is None:
+                raise ModelNotFound(f"the model {name!r} does not exist", param="model")
+        except GatewayError as error:
+            await send_error(send, error, headers)
+            return
+        await send_bytes(send, 200, body, headers)
+
     # -- POST chat / completions / embeddings --------------------------------------------
     async def proxy(
         self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any
