@@ -46,6 +46,8 @@ class ServerConfig(Strict, frozen=True):
     # (0.0.0.0, ::) and this list empty, any Host is accepted.
     allowed_hosts: list[str] = []
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 10 * 1024 * 1024
+    # what a request without "model" gets (default: the only pool's first model)
+    default_model: str | None = None
     # the request head (request line and every header) as it arrives; more gets 431
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024
     # the whole request head must arrive within this; the body may pause at most this long
@@ -221,6 +223,7 @@ def validate(config: Config) -> None:
     _check_cors(config.server.cors)
     owner: dict[str, str] = {}
     replica_ids: set[str] = set()
+    _check_default_model(config)
     for i, pool in enumerate(config.pools):
         if pool.id in {p.id for p in config.pools[:i]}:
             raise ConfigError(f"pools[{i}].id: duplicate pool id {pool.id!r}")
@@ -240,6 +243,13 @@ def validate(config: Config) -> None:
     for i, hook in enumerate(config.webhooks):
         if (hook.secret is None) == (hook.secret_env is None):
             raise ConfigError(f"webhooks[{i}]: set exactly one of secret and secret_env")
+
+
+def _check_default_model(config: Config) -> None:
+    default = config.server.default_model
+    served = {name for pool in config.pools for name in pool.models}
+    if default is not None and config.pools and default not in served:
+        raise ConfigError(f"server.default_model: {default!r} is not a model of any pool")
 
 
 def _check_cors(cors: CorsConfig) -> None:

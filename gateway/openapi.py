@@ -85,7 +85,7 @@ def _chat_request(models: list[str], max_tokens: int) -> dict[str, Any]:
     }
     return {
         "type": "object",
-        "required": ["model", "messages"],
+        "required": ["messages"],  # no model: server.default_model
         "properties": {
             "model": {"type": "string", "enum": models},
             "messages": {"type": "array", "items": message, "minItems": 1, "maxItems": 4},
@@ -100,7 +100,7 @@ def _chat_request(models: list[str], max_tokens: int) -> dict[str, Any]:
 def _completion_request(models: list[str], max_tokens: int) -> dict[str, Any]:
     return {
         "type": "object",
-        "required": ["model", "prompt"],
+        "required": ["prompt"],
         "properties": {
             "model": {"type": "string", "enum": models},
             "prompt": {"type": "string", "minLength": 1, "maxLength": 200},
@@ -462,7 +462,7 @@ def build_openapi(config: Config) -> dict[str, Any]:
     completion = _completion_request(models, max_tokens)
     embeddings = {
         "type": "object",
-        "required": ["model", "input"],
+        "required": ["input"],
         "properties": {
             "model": {"type": "string", "enum": models},
             "input": {"type": "string", "minLength": 1, "maxLength": 200},

@@ -66,7 +66,8 @@ def _decode_view(body: bytes) -> RoutingView:
 
 
 def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
-    """Decode and check the routing fields; raise ``InvalidRequest`` with the field named."""
+    """Decode and check the routing fields; raise ``InvalidRequest`` with the field named.
+    ``model`` may be absent: the route then picks the default model (``default_model``)."""
     view = _decode_view(body)
     if not body.isascii():
         # msgspec skips unknown fields without validating them; never forward bad UTF-8
@@ -74,8 +75,6 @@ def parse_routing_view(body: bytes, endpoint: Endpoint) -> RoutingView:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise InvalidJson(f"the request body is not valid UTF-8 (byte {exc.start})") from None
-    if view.model is None:
-        raise InvalidRequest("missing required field 'model'", param="model")
     required = _REQUIRED[endpoint]
     raw: msgspec.Raw = getattr(view, required)
     if not raw or bytes(raw) == b"null":

@@ -13,12 +13,14 @@ import httpx
 import openai
 import pytest
 
+from gateway.config import ConfigError, config_from_mapping
 from tests.conftest import Gateway, pool
 from tests.fakes.servers import AiohttpThread
 from tests.fakes.upstream import FakeUpstream
 
 TOKEN = "s3cret-token"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+MSG = CHAT["messages"]
 
 
 def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -77,9 +79,7 @@ def test_malformed_json_is_400(gw: Gateway) -> None:
     assert_envelope(post(gw, b'{"model": "m", "messages": [], "x": "\xff\xfe"}'), 400)
 
 
-def test_missing_model_or_messages_is_400_naming_the_field(gw: Gateway) -> None:
-    error = assert_envelope(post(gw, {"messages": []}), 400)
-    assert error["param"] == "model"
+def test_missing_messages_is_400_naming_the_field(gw: Gateway) -> None:
     error = assert_envelope(post(gw, {"model": "m"}), 400)
     assert error["param"] == "messages"
     error = assert_envelope(post(gw, {"model": "m", "prompt": None}, "/v1/completions"), 400)
@@ -327,3 +327,25 @@ def test_models_retrieve_answers_each_name_and_404s_the_rest(gw: Gateway) -> Non
         ).status_code
         == 405
     )
+
+
+def test_a_request_without_model_gets_the_default_as_from_a_single_llama_server(
+    fake_upstream: tuple[FakeUpstream, AiohttpThread], gateway_factory: Any
+) -> None:
+    fake, server = fake_upstream
+    one = config(server.url)
+    with gateway_factory(one) as gw:  # one pool: its canonical model
+        for body in ({"messages": MSG}, {"model": None, "messages": MSG}):
+            answer = post(gw, body)
+            assert answer.status_code == 200, answer.text
+            assert b'"model":"m"' in fake.bodies[-1]  # named upstream (vLLM needs it)
+    two = config(server.url)
+    two["pools"].append(pool("q", ["n"], [{"id": "g0", "engine": "openai", "url": server.url}]))
+    with gateway_factory(two) as gw:  # several pools and no default: say which field
+        error = assert_envelope(post(gw, {"messages": MSG}), 400)
+        assert error["param"] == "model" and "default_model" in error["message"]
+    with gateway_factory({**two, "server": {"default_model": "n"}}) as gw:
+        assert post(gw, {"messages": MSG}).status_code == 200
+        assert b'"model":"n"' in fake.bodies[-1]
+    with pytest.raises(ConfigError, match="default_model"):
+        config_from_mapping({**two, "server": {"default_model": "gpt-9"}}, env={})

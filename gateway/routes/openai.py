@@ -202,6 +202,20 @@ class OpenAIProxy:
                 return pool
         raise NotFound("no openvino worker pool is configured for /v1/worker routes")
 
+    def default_model(self) -> str:
+        """What a request without ``model`` gets: ``server.default_model``, else the only
+        pool's canonical model."""
+        configured = self.state.config.server.default_model
+        if configured is not None:
+            return configured
+        if len(self.state.pools) == 1:
+            return next(iter(self.state.pools.values())).config.models[0]
+        raise InvalidRequest(
+            "missing required field 'model' (this gateway serves several pools and has no "
+            "server.default_model)",
+            param="model",
+        )
+
     def pool_for(self, model: str) -> PoolRuntime:
         pool_id = self.state.models.pool_for(model)
         if pool_id is None:
@@ -319,7 +333,10 @@ class OpenAIProxy:
             ex.pool, ex.engine = pool.id, pool.engine
             return pool, priority, call_factory(pool, endpoint, body, None, False, rid)
         view = parse_routing_view(body, endpoint)
-        model: str = view.model  # type: ignore[assignment]  # checked by the view
+        model = view.model
+        if model is None:  # as a single llama-server serves it: the default model
+            model = self.default_model()
+            body = with_model(body, model)
         pool = self.pool_for(model)
         if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
             pool = await self._settled(pool)
