@@ -92,14 +92,25 @@ def openai_error_body(status: int, raw: bytes) -> dict[str, Any]:
         text = raw[:500].decode("utf-8", "replace").strip() if raw else ""
         inner = {"message": text or f"upstream returned HTTP {status}"}
     code = inner.get("code")
-    return {
-        "error": {
-            "message": str(inner.get("message") or f"upstream returned HTTP {status}"),
-            "type": _type_for(status, inner.get("type")),
-            "param": inner.get("param") if isinstance(inner.get("param"), str) else None,
-            "code": code if isinstance(code, str) else None,
-        }
+    upstream_type = inner.get("type")
+    if not isinstance(code, str):
+        # llama.cpp and vLLM put the HTTP status in "code"; their type name is the more
+        # useful code (a client can tell exceed_context_size_error from any other 400)
+        code = upstream_type if upstream_type in _SPECIFIC_TYPES else None
+    error: dict[str, Any] = {
+        # what else the engine said stays (llama.cpp's n_prompt_tokens and n_ctx)
+        **{k: v for k, v in inner.items() if k not in _ENVELOPE_KEYS},
+        "message": str(inner.get("message") or f"upstream returned HTTP {status}"),
+        "type": _type_for(status, upstream_type),
+        "param": inner.get("param") if isinstance(inner.get("param"), str) else None,
+        "code": code,
     }
+    return {"error": error}
+
+
+_ENVELOPE_KEYS = frozenset({"message", "type", "param", "code", "object"})
+# upstream type names specific enough to serve as the OpenAI "code"
+_SPECIFIC_TYPES = frozenset({"exceed_context_size_error", "not_supported_error"})
 
 
 class BackendError(Exception):

@@ -129,3 +129,24 @@ async def test_truncated_stream_gets_error_and_done() -> None:
     out = await collect([b'data: {"a":1}\n\n', b'data: {"b":'])
     assert out[-1] == b"data: [DONE]\n\n"
     assert b"without [DONE]" in out[-2]
+
+
+def test_upstream_errors_keep_what_the_engine_said() -> None:
+    llama = (
+        b'{"error":{"code":400,"message":"the request exceeds the available context size",'
+        b'"type":"exceed_context_size_error","n_prompt_tokens":5000,"n_ctx":4096}}'
+    )
+    error = openai_error_body(400, llama)["error"]
+    assert error["code"] == "exceed_context_size_error"  # tellable from any other 400
+    assert error["type"] == "invalid_request_error"
+    assert (error["n_prompt_tokens"], error["n_ctx"]) == (5000, 4096)
+    openai_shape = (
+        b'{"error":{"message":"m","type":"invalid_request_error","param":"x","code":"c"}}'
+    )
+    assert openai_error_body(400, openai_shape)["error"] == {
+        "message": "m", "type": "invalid_request_error", "param": "x", "code": "c",
+    }  # fmt: skip
+    vllm = b'{"object":"error","message":"bad","type":"BadRequestError","param":null,"code":400}'
+    assert openai_error_body(400, vllm)["error"] == {
+        "message": "bad", "type": "invalid_request_error", "param": None, "code": None,
+    }  # fmt: skip
