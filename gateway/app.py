@@ -83,10 +83,20 @@ def _unhandled_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[An
     return _render(InternalError("internal gateway error"))
 
 
+# the task API and the control plane emit no correlation-ID header (Home profile §5); the
+# OpenAI surface always does (OpenAI's own header, which the SDKs expose)
+_NO_REQUEST_ID = ("/v1/tasks", "/v1/pools", "/v1/config", "/v1/status", "/v1/hardware",
+                  "/health", "/metrics", "/status", "/openapi.json")  # fmt: skip
+
+
+def carries_request_id(path: str) -> bool:
+    return not path.startswith(_NO_REQUEST_ID) and path != "/"
+
+
 async def _ensure_request_id(message: Any, scope: Any) -> None:
-    """Every response carries ``x-request-id``; the data plane sets its own, the rest of the
-    surface (control routes, framework 404/405s) gets one here."""
-    if message["type"] != "http.response.start":
+    """Every OpenAI-surface response carries ``x-request-id``; the data plane sets its own,
+    framework 404/405s for other paths get one here."""
+    if message["type"] != "http.response.start" or not carries_request_id(scope["path"]):
         return
     headers = message.setdefault("headers", [])
     for key, _ in headers:
@@ -244,7 +254,8 @@ _MODEL_PREFIXES = ("/v1/models/", "/models/")
 
 
 def _front_door_answer(error: GatewayError, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    return error_body(error, path), [(b"x-request-id", fresh_request_id().encode())]
+    headers = [(b"x-request-id", fresh_request_id().encode())] if carries_request_id(path) else []
+    return error_body(error, path), headers
 
 
 def error_body(error: GatewayError, path: str) -> bytes:
@@ -353,7 +364,9 @@ class GatewayApp:
                 )
 
     async def _refuse(self, scope: Any, send: Any, error: GatewayError) -> None:
-        headers = [(b"x-request-id", request_id(scope).encode())]
+        headers = []
+        if carries_request_id(scope["path"]):
+            headers.append((b"x-request-id", request_id(scope).encode()))
         if isinstance(error, HeadersTooLarge):
             headers.append((b"connection", b"close"))
         body = error_body(error, scope["path"])

@@ -444,3 +444,19 @@ def test_task_routes_require_the_token(fake_upstream: Any, gateway_factory: Any)
             headers={"Authorization": "Bearer tok"},
         )
         assert r.status_code == 202
+
+
+def test_the_task_and_control_surfaces_emit_no_correlation_header(gw: Gateway) -> None:
+    """Home profile §5 (SPEC.md): x-request-id is the OpenAI surface's, nobody else's."""
+    answers = [
+        httpx.post(gw.url + "/v1/tasks", json={"prompt": "x", "params": {"fake": {}}}),
+        httpx.get(gw.url + "/v1/tasks/nope"),
+        httpx.get(gw.url + "/v1/status"),
+        httpx.get(gw.url + "/health"),
+        httpx.post(gw.url + "/v1/tasks", content=b"{", headers={"content-type": "text/plain"}),
+    ]
+    for answer in answers:
+        assert "x-request-id" not in answer.headers, (answer.request.url, answer.headers)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "fake": {}}
+    assert httpx.post(gw.url + "/v1/chat/completions", json=chat).headers["x-request-id"]
+    assert httpx.get(gw.url + "/v1/nothing").headers["x-request-id"]
