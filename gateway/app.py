@@ -68,7 +68,12 @@ def _http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Re
     if status == 404:
         return _render(NotFound("Unknown path; see GET /v1/models and the README for routes"))
     if status == 405:
-        return _render(MethodNotAllowed("method not allowed for this route"))
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        return _render(
+            MethodNotAllowed(
+                "method not allowed for this route", headers={"Allow": allow} if allow else None
+            )
+        )
     if 400 <= status < 500:
         error = InvalidRequest(str(exc.detail))
         response = _render(error)

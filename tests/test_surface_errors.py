@@ -127,8 +127,13 @@ def test_oversize_body_is_413(gw: Gateway) -> None:
 
 def test_unknown_path_and_wrong_method_use_the_envelope(gw: Gateway) -> None:
     assert_envelope(httpx.get(gw.url + "/v1/nothing-here"), 404)
-    assert_envelope(httpx.get(gw.url + "/v1/chat/completions"), 405)
-    assert_envelope(httpx.post(gw.url + "/v1/models"), 405)
+    wrong = httpx.get(gw.url + "/v1/chat/completions")
+    assert_envelope(wrong, 405)
+    assert wrong.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
+    wrong = httpx.post(gw.url + "/v1/models")
+    assert_envelope(wrong, 405)
+    assert wrong.headers["allow"] == "GET, HEAD"
+    assert "POST" in httpx.get(gw.url + "/v1/config/reload").headers["allow"]
 
 
 def test_bad_priority_header_is_400(gw: Gateway) -> None:

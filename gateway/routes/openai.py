@@ -69,6 +69,10 @@ _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
 
 
+_ALLOW_GET = {"Allow": "GET, HEAD"}
+_ALLOW_POST = {"Allow": "POST"}
+
+
 def request_id(scope: dict[str, Any]) -> str:
     """The client's ``X-Request-Id`` when it is sane, else a fresh one: 32 hex characters,
     unique per process (a random prefix and a counter; cheaper than ``uuid4``)."""
@@ -228,7 +232,7 @@ class OpenAIProxy:
         headers: Headers = [(b"x-request-id", rid.encode())]
         try:
             if scope["method"] not in ("GET", "HEAD"):
-                raise MethodNotAllowed("use GET for this route")
+                raise MethodNotAllowed("use GET for this route", headers=_ALLOW_GET)
             self.auth.check(header(scope, b"authorization"))
         except GatewayError as error:
             await send_error(send, error, headers)
@@ -243,7 +247,7 @@ class OpenAIProxy:
         name = path.removeprefix("/v1/models/") if path.startswith("/v1/") else path[8:]
         try:
             if scope["method"] not in ("GET", "HEAD"):
-                raise MethodNotAllowed("use GET for this route")
+                raise MethodNotAllowed("use GET for this route", headers=_ALLOW_GET)
             self.auth.check(header(scope, b"authorization"))
             body = self.state.model_bodies.get(name)
             if body is None:
@@ -322,7 +326,7 @@ class OpenAIProxy:
     ) -> tuple[PoolRuntime, Priority, Callable[[str], UpstreamCall]]:
         """Everything before admission: method, auth, body, routing fields, pool, priority."""
         if scope["method"] != "POST":
-            raise MethodNotAllowed("use POST for this route")
+            raise MethodNotAllowed("use POST for this route", headers=_ALLOW_POST)
         self.auth.check(header(scope, b"authorization"))
         body = await read_body(scope, receive, self.max_body)
         priority = parse_priority(header(scope, b"x-priority"))
