@@ -152,9 +152,11 @@ class LockedError(GatewayError):
 
 
 class ReloadFailedError(GatewayError):
-    """The new replica set did not come up; it was stopped and the old one kept serving."""
+    """The new replica set did not come up; it was stopped and the old one kept serving.
+    ``409`` as llama-orch's control contract answers it: the pool is in a state that
+    refused the change (SPEC.md)."""
 
-    status = 502
+    status = 409
     type = "server_error"
     code = "reload_failed"
 

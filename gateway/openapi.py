@@ -271,10 +271,10 @@ _LIFECYCLE_ERRORS = {
     "415": "a body that is not declared application/json",
     "404": "unknown pool or variant",
     "409": "a reload is already running / the new set does not fit the GPU (see 'fit') / "
-    "the reservation is someone else's / no config file",
+    "the reservation is someone else's / no config file / the new replica set did not come "
+    "up (reload_failed; rolled back, the old one kept serving)",
     "422": "the resulting config is invalid; nothing was changed",
     "423": "the pool is reserved: send the holder's X-Reservation-Token",
-    "502": "the new replica set did not come up; rolled back, the old one kept serving",
 }
 _POOL_ID = {"name": "pool_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _RESERVATION_TOKEN = {
@@ -292,6 +292,7 @@ def _lifecycle_paths() -> dict[str, Any]:
         "properties": {
             "strategy": {"type": "string", "enum": ["blue_green", "replace"]},
             "variant": {"type": "string", "minLength": 1, "maxLength": 128},
+            "new_model_ref": {"type": "string", "minLength": 1, "maxLength": 256},
         },
     }
     swapped = {"type": "object", "required": ["pool", "status", "duration_ms"]}
@@ -315,7 +316,7 @@ def _lifecycle_paths() -> dict[str, Any]:
                 "parameters": [_RESERVATION_TOKEN],
                 "responses": {
                     "200": _json({"type": "object", "required": ["status", "pools"]}, "applied"),
-                    **errors("401", "403", "409", "415", "422", "423", "502"),
+                    **errors("401", "403", "409", "415", "422", "423"),
                 },
             }
         },

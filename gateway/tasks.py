@@ -55,8 +55,10 @@ class Workload(enum.StrEnum):
     RERANK = "rerank"
 
 
-class TaskRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """llama-orch v1 TaskRequest field names, all optional here, plus conveniences."""
+class TaskRequest(msgspec.Struct, kw_only=True):
+    """llama-orch v1 TaskRequest field names, all optional here, plus conveniences.
+    Unknown fields are accepted and ignored, as llama-orch's schema and server allow
+    (SPEC.md); the config file stays strict."""
 
     task_id: Annotated[str, Meta(pattern=_TASK_ID)] | None = None
     session_id: str | None = None

@@ -132,7 +132,7 @@ def test_task_api_bad_input(gw: Gateway) -> None:
         return httpx.post(gw.url + path, content=content, timeout=10, headers=JSON)
 
     for body in (b"{", b"[]", b'{"prompt": 5}', b'{"prompt": "x", "max_tokens": -1}',
-                 b'{"prompt": "x", "max_tokens": 999999}', b'{"prompt": "x", "bogus": 1}',
+                 b'{"prompt": "x", "max_tokens": 999999}',
                  b'{"prompt": "\xff"}', b'{"prompt": "x", "messages": []}'):  # fmt: skip
         response = post("/v1/tasks", body)
         assert response.status_code == 400, (body, response.text)

@@ -235,7 +235,7 @@ def test_swap_to_a_broken_launch_rolls_back_and_the_old_model_keeps_serving(
         traffic.wait_for(4)
         pids = llama_pids(gw)
         failed = reload(gw.url, {"variant": "exits"})
-        assert failed.status_code == 502, failed.text
+        assert failed.status_code == 409, failed.text
         body = failed.json()
         assert body["error"]["code"] == "reload_failed" and body["rolled_back"] is True
         # the reason names the replica and carries the process's own last words
@@ -244,7 +244,7 @@ def test_swap_to_a_broken_launch_rolls_back_and_the_old_model_keeps_serving(
 
         # a launch that starts but never serves: llama-server with a missing model file
         failed = reload(gw.url, {"variant": "missing"})
-        assert failed.status_code == 502, failed.text
+        assert failed.status_code == 409, failed.text
         assert "exited with code" in failed.json()["error"]["message"]
         traffic.wait_for(4)
 
@@ -410,7 +410,7 @@ def test_swap_from_the_status_page_under_load_respecting_the_lock(tmp_path: Path
         click("swap")
         assert browser.wait_for(lambda: "Swap pool chat to broken?" in swap_box()), swap_box()
         click("confirm")
-        assert browser.wait_for(lambda: "swap failed (502)" in swap_box(), timeout=90), swap_box()
+        assert browser.wait_for(lambda: "swap failed (409)" in swap_box(), timeout=90), swap_box()
         assert "cannot load the weights" in swap_box()
         assert "model: smollm2-b" in swap_box() and gw.state.pools["chat"].variant == "b"
 
@@ -448,7 +448,7 @@ def test_replace_swap_holds_requests_instead_of_running_two_sets(tmp_path: Path)
 
             # a broken setting: the previous one (b) is started again, requests wait for it
             failed = reload(gw.url, {"variant": "broken"})
-            assert failed.status_code == 502, failed.text
+            assert failed.status_code == 409, failed.text
             assert "cannot load the weights" in failed.json()["error"]["message"]
             assert "did not come back" not in failed.json()["error"]["message"]
             assert gw.state.pools["chat"].variant == "b" and not gw.state.holds

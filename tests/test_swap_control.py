@@ -228,7 +228,7 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
 
         # a failed swap is announced too
         failed = reload(gw.url, {"variant": "dead"})
-        assert failed.status_code == 502 and failed.json()["rolled_back"] is True
+        assert failed.status_code == 409 and failed.json()["rolled_back"] is True
         assert wait_until(lambda: len(hook.accepted) == 2, timeout=10)
         headers, body = hook.accepted[1]
         assert headers["X-Orchgate-Event"] == "swap_failed"
@@ -317,7 +317,7 @@ def test_config_reload_applies_a_valid_file_whole_and_an_invalid_one_not_at_all(
         # a new pool with a replica that never comes up: all or nothing
         path.write_text(good + extra_pool('["q"]', dead_url, timeout="reload_timeout_s = 1\n"))
         failed = config_reload(gw.url)
-        assert failed.status_code == 502 and failed.json()["rolled_back"] is True
+        assert failed.status_code == 409 and failed.json()["rolled_back"] is True
         assert list(gw.state.pools) == ["p"]
 
         # a valid file: pool q added, p unchanged (it keeps running as it is)
@@ -362,7 +362,7 @@ def test_a_replica_that_is_healthy_but_serves_another_model_is_not_switched_to(
     )
     with gateway(tmp_path, server.url, extra=settings) as gw:
         refused = reload(gw.url, {"variant": "wrong"})
-        assert refused.status_code == 502, refused.text
+        assert refused.status_code == 409, refused.text
         message = refused.json()["error"]["message"]
         assert "v0 is healthy but did not serve model 'meta-llama/Llama-3.1-8B'" in message
         assert "does not exist" in message
@@ -372,3 +372,16 @@ def test_a_replica_that_is_healthy_but_serves_another_model_is_not_switched_to(
         chat = {"model": "alias", "messages": [{"role": "user", "content": "hi"}]}
         answer = httpx.post(gw.url + "/v1/chat/completions", json=chat)
         assert answer.status_code == 200 and answer.headers["x-orchgate-replica"] == "v0"
+
+
+def test_the_contract_reload_body_names_the_model(fake_upstream: Any, tmp_path: Path) -> None:
+    """llama-orch's control contract: ``{"new_model_ref": ...}`` picks the setting that
+    serves that model (a variant's model name or id); a failed reload is ``409``."""
+    _, server = fake_upstream
+    with gateway(tmp_path, server.url) as gw:
+        swapped = reload(gw.url, {"new_model_ref": "m2"})
+        assert swapped.status_code == 200 and swapped.json()["variant"] == "two", swapped.text
+        back = reload(gw.url, {"new_model_ref": "m"})
+        assert back.status_code == 200 and back.json()["variant"] == "default"
+        unknown = reload(gw.url, {"new_model_ref": "gpt-9"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "new_model_ref"

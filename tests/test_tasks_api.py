@@ -101,7 +101,6 @@ def test_messages_convenience_and_client_task_id(gw: Gateway, fake_upstream: Any
     "body,needle",
     [
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-        ({"prompt": "x", "unknown_field": 1}, "unknown_field"),
         ({"prompt": "x", "priority": "urgent"}, "priority"),
         ({"prompt": "x", "ctx": 10_000}, "context limit"),
         ({"prompt": "x" * 20_000, "max_tokens": 10}, "exceeds the context"),
@@ -120,7 +119,7 @@ def test_invalid_params(gw: Gateway, body: dict[str, Any], needle: str) -> None:
     assert r.status_code == 400
     envelope = r.json()
     assert envelope["code"] == "INVALID_PARAMS" and needle in envelope["message"]
-    assert "engine" in envelope
+    assert isinstance(envelope["engine"], str)
 
 
 def test_malformed_body_and_unknown_ids(gw: Gateway) -> None:
@@ -460,3 +459,15 @@ def test_the_task_and_control_surfaces_emit_no_correlation_header(gw: Gateway) -
     chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "fake": {}}
     assert httpx.post(gw.url + "/v1/chat/completions", json=chat).headers["x-request-id"]
     assert httpx.get(gw.url + "/v1/nothing").headers["x-request-id"]
+
+
+def test_llama_orch_contract_decisions(gw: Gateway) -> None:
+    """SPEC.md: unknown task fields are accepted and ignored, ``ctx: 0`` means the default,
+    every error envelope names an engine (a string)."""
+    extra = {"prompt": "x", "params": {"fake": {}}, "ctx": 0, "some_future_field": {"a": 1}}
+    accepted = httpx.post(gw.url + "/v1/tasks", json=extra)
+    assert accepted.status_code == 202, accepted.text
+    refused = httpx.post(gw.url + "/v1/tasks", json={"prompt": 5})
+    assert refused.status_code == 400 and isinstance(refused.json()["engine"], str)
+    missing = httpx.get(gw.url + "/v1/tasks/nope")
+    assert missing.status_code == 404 and missing.json()["engine"] == "orchgate"

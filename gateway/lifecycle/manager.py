@@ -61,9 +61,12 @@ class ReloadRequest(Strict, frozen=True):
 
     strategy: SwapStrategy | None = None
     variant: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    # llama-orch's control contract: the setting that serves this model (a variant's id
+    # or one of its model names; the pool's own setting counts as "default")
+    new_model_ref: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
 
     def is_empty(self) -> bool:
-        return self.variant is None
+        return self.variant is None and self.new_model_ref is None
 
 
 class Lifecycle:
@@ -111,9 +114,31 @@ class Lifecycle:
             return results[pool_id]
 
     async def _target(self, pool: PoolRuntime, request: ReloadRequest) -> tuple[PoolConfig, str]:
+        if request.variant is not None and request.new_model_ref is not None:
+            raise InvalidConfigError("give 'variant' or 'new_model_ref', not both")
+        if request.new_model_ref is not None:
+            return self._variant(pool, self._variant_serving(pool, request.new_model_ref))
         if request.variant is not None:
             return self._variant(pool, request.variant)
         return await self._from_file(pool.id), DEFAULT_VARIANT
+
+    def _variant_serving(self, pool: PoolRuntime, model_ref: str) -> str:
+        """The variant a ``new_model_ref`` names: by id, else the first whose models hold
+        it (the pool's own setting, "default", included)."""
+        default = self._file_pool(pool.id) or pool.config
+        ids = [DEFAULT_VARIANT, *(v.id for v in default.variants)]
+        if model_ref in ids:
+            return model_ref
+        if model_ref in default.models:
+            return DEFAULT_VARIANT
+        for variant in default.variants:
+            if model_ref in (variant.models or default.models):
+                return variant.id
+        raise NotFound(
+            f"pool {pool.id!r} has no setting that serves {model_ref!r} (settings: "
+            f"{', '.join(ids)})",
+            param="new_model_ref",
+        )
 
     def _variant(self, pool: PoolRuntime, name: str) -> tuple[PoolConfig, str]:
         default = self._file_pool(pool.id) or pool.config

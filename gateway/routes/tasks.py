@@ -24,6 +24,11 @@ _decoder = msgspec.json.Decoder(TaskRequest)
 _CHARS_PER_TOKEN = 4  # a conservative prompt-size estimate without a tokenizer
 
 
+# the envelope's "engine" is always a string (SPEC.md); before a pool is known, the gateway
+# itself answered
+GATEWAY_ENGINE = "orchgate"
+
+
 class TaskError(Exception):
     def __init__(
         self,
@@ -31,7 +36,7 @@ class TaskError(Exception):
         code: str,
         message: str,
         *,
-        engine: str | None = None,
+        engine: str = GATEWAY_ENGINE,
         retriable: bool | None = None,
         retry_after_s: float | None = None,
     ) -> None:
@@ -46,7 +51,7 @@ class TaskError(Exception):
             self.body["retry_after_ms"] = int(self.headers["X-Backoff-Ms"])
 
 
-def _invalid(message: str, engine: str | None = None) -> TaskError:
+def _invalid(message: str, engine: str = GATEWAY_ENGINE) -> TaskError:
     return TaskError(400, "INVALID_PARAMS", message, engine=engine, retriable=False)
 
 
@@ -57,7 +62,7 @@ def task_error_body(error: GatewayError) -> dict[str, Any]:
     """A gateway-level error (auth, routing, limits) in the task API's envelope."""
     status = error.status
     code = _AUTH_CODES.get(status, "INVALID_PARAMS" if status < 500 else "INTERNAL")
-    return {"code": code, "message": error.message, "engine": None}
+    return {"code": code, "message": error.message, "engine": GATEWAY_ENGINE}
 
 
 def _render(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -68,7 +73,9 @@ def _render(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = _AUTH_CODES.get(status, "INVALID_PARAMS" if status < 500 else "INTERNAL")
     message = str(exc.detail) if isinstance(exc, HTTPException) else "internal gateway error"
-    return Response({"code": code, "message": message, "engine": None}, status_code=status)
+    return Response(
+        {"code": code, "message": message, "engine": GATEWAY_ENGINE}, status_code=status
+    )
 
 
 def _resolve_pool(state: GatewayState, req: TaskRequest) -> PoolRuntime:
@@ -126,7 +133,7 @@ def _guard_params(params: dict[str, Any], pool: PoolRuntime) -> None:
 
 def _guard_context(req: TaskRequest, pool: PoolRuntime, max_tokens: int, prompt_chars: int) -> None:
     limit = pool.config.max_context_tokens
-    ctx = req.ctx if req.ctx is not None else limit
+    ctx = req.ctx or limit  # 0 means the default, as llama-orch's own clients send it
     if ctx > limit:
         raise _invalid(f"ctx {ctx} exceeds the pool's context limit of {limit} tokens", pool.engine)
     needed = prompt_chars // _CHARS_PER_TOKEN + max_tokens
