@@ -400,3 +400,34 @@ def _alive(pid: int) -> bool:
         Path(f"/proc/{pid}/status").exists()
         and "zombie" not in Path(f"/proc/{pid}/status").read_text()
     )
+
+
+def test_openvino_pools_serve_completions_and_prompt_tasks(gw: Gateway) -> None:
+    """The embedded default's engine: /v1/completions (raw prompt, no chat template) and
+    prompt tasks, with bounds in OpenAI's terms."""
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    whole = client.completions.create(
+        model="smollm2-135m", prompt="Once upon a time", max_tokens=8, seed=3
+    )
+    assert whole.object == "text_completion" and whole.choices[0].text
+    assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage is not None
+    again = client.completions.create(
+        model="smollm2-135m", prompt="Once upon a time", max_tokens=8, seed=3
+    )
+    assert again.choices[0].text == whole.choices[0].text  # seeded: the same text
+    pieces = list(
+        client.completions.create(
+            model="smollm2-135m", prompt="Once upon a time", max_tokens=8, seed=3, stream=True
+        )
+    )
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == whole.choices[0].text
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="smollm2-135m", prompt="x", max_tokens=512)
+    assert "max_tokens must be between 1 and 256" in str(caught.value.body)
+    task = httpx.post(
+        gw.url + "/v1/tasks", json={"model_ref": "smollm2-135m", "prompt": "Hi", "max_tokens": 6}
+    )
+    assert task.status_code == 202
+    events = read_events(gw, task.json()["task_id"])
+    assert [name for name, _ in events][0] == "started" and events[-1][0] == "end"
+    assert any(name == "token" for name, _ in events)

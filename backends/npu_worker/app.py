@@ -115,11 +115,28 @@ def _chat_bounds(body: dict[str, Any]) -> tuple[list[dict[str, str]], int, bool,
         clean.append({"role": str(message.get("role", "user")), "content": message["content"]})
     if sum(len(m["content"]) for m in clean) > MAX_INPUT_CHARS:
         raise InvalidJob(f"messages exceed {MAX_INPUT_CHARS} characters")
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    max_new = check_max_new_tokens(limit, MAX_NEW_TOKENS)
+    max_new, stream, usage = _openai_bounds(body)
+    return clean, max_new, stream, usage
+
+
+def _openai_bounds(body: dict[str, Any]) -> tuple[int, bool, bool]:
+    """``max_tokens`` (in OpenAI's terms), ``stream`` and ``include_usage`` of a body."""
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_new = check_max_new_tokens(body.get(name), MAX_NEW_TOKENS, name=name)
     options = body.get("stream_options") or {}
     usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return clean, max_new, bool(body.get("stream")), usage
+    return max_new, bool(body.get("stream")), usage
+
+
+def _completion_bounds(body: dict[str, Any]) -> tuple[str, int, bool, bool]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidJob("prompt must be a non-empty string (one prompt per request)")
+    if len(prompt) > MAX_INPUT_CHARS:
+        raise InvalidJob(f"prompt exceeds {MAX_INPUT_CHARS} characters")
+    return (prompt, *_openai_bounds(body))
 
 
 def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 - route table
@@ -183,31 +200,40 @@ def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 -
             body = await _json_body(request)
             messages, max_new, stream, usage = _chat_bounds(body)
         except InvalidJob as exc:
-            return Response(
-                {
-                    "error": {
-                        "message": str(exc),
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": None,
-                    }
-                },
-                status_code=400,
-            )
-        seed = body.get("seed") if isinstance(body.get("seed"), int) else None
-        temperature = body.get("temperature")
-        temperature = float(temperature) if isinstance(temperature, int | float) else None
+            return _openai_error(str(exc))
+        seed, temperature = _sampling(body)
         await gen.load()
         if stream:
             return Stream(
-                _chat_stream(gen, messages, max_new, usage, seed, temperature),
+                _stream(gen, messages, None, max_new, usage, seed, temperature),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         result = await gen.generate(
             messages, None, max_new_tokens=max_new, seed=seed, temperature=temperature
         )
-        return Response(_completion(gen.config.model_id, result))
+        return Response(_completion(gen.config.model_id, result, max_new))
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
+        """Raw-prompt generation (no chat template), OpenAI's ``text_completion`` shape."""
+        try:
+            body = await _json_body(request)
+            prompt, max_new, stream, usage = _completion_bounds(body)
+        except InvalidJob as exc:
+            return _openai_error(str(exc))
+        seed, temperature = _sampling(body)
+        await gen.load()
+        if stream:
+            return Stream(
+                _stream(gen, None, prompt, max_new, usage, seed, temperature),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        result = await gen.generate(
+            None, prompt, max_new_tokens=max_new, seed=seed, temperature=temperature
+        )
+        return Response(_completion(gen.config.model_id, result, max_new, text=True))
 
     def not_found(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
         if exc.status_code == 404:
@@ -215,7 +241,7 @@ def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 -
         return _error(exc.status_code, str(exc.detail))
 
     app = Litestar(
-        route_handlers=[healthz, models, generate, memory, notification, chat],
+        route_handlers=[healthz, models, generate, memory, notification, chat, completions],
         exception_handlers={HTTPException: not_found},
         logging_config=None,
         openapi_config=None,
@@ -288,55 +314,91 @@ class AccessLog:
             )
 
 
-def _chunk(model: str, cid: str, delta: dict[str, Any], finish: str | None) -> bytes:
+def _openai_error(message: str) -> Response[Any]:
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return Response({"error": error}, status_code=400)
+
+
+def _sampling(body: dict[str, Any]) -> tuple[int | None, float | None]:
+    """The sampling fields the worker honours: ``seed`` and ``temperature``."""
+    seed = body.get("seed") if isinstance(body.get("seed"), int) else None
+    temperature = body.get("temperature")
+    return seed, float(temperature) if isinstance(temperature, int | float) else None
+
+
+def _chunk(model: str, cid: str, delta: dict[str, Any] | str, finish: str | None) -> bytes:
+    """A chat chunk (``delta`` a dict) or a text-completion chunk (``delta`` the text)."""
+    text = isinstance(delta, str)
+    choice: dict[str, Any] = (
+        {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+        if text
+        else {"index": 0, "delta": delta, "finish_reason": finish}
+    )
     body = {
         "id": cid,
-        "object": "chat.completion.chunk",
+        "object": "text_completion" if text else "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [choice],
     }
     return b"data: " + _encoder.encode(body) + b"\n\n"
 
 
-def _completion(model: str, result: Generation) -> dict[str, Any]:
+def _usage(result: Generation) -> dict[str, int]:
     return {
-        "id": "chatcmpl-" + os.urandom(12).hex(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.tokens,
-            "total_tokens": result.prompt_tokens + result.tokens,
-        },
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.tokens,
+        "total_tokens": result.prompt_tokens + result.tokens,
     }
 
 
-async def _chat_stream(
+def _finish(result: Generation, max_new: int) -> str:
+    return "length" if result.tokens >= max_new else "stop"
+
+
+def _completion(
+    model: str, result: Generation, max_new: int, *, text: bool = False
+) -> dict[str, Any]:
+    choice: dict[str, Any] = (
+        {"index": 0, "text": result.text, "logprobs": None}
+        if text
+        else {"index": 0, "message": {"role": "assistant", "content": result.text}}
+    )
+    return {
+        "id": ("cmpl-" if text else "chatcmpl-") + os.urandom(12).hex(),
+        "object": "text_completion" if text else "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{**choice, "finish_reason": _finish(result, max_new)}],
+        "usage": _usage(result),
+    }
+
+
+async def _stream(
     gen: Generator,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, str]] | None,
+    prompt: str | None,
     max_new: int,
     usage: bool,
     seed: int | None,
     temperature: float | None,
 ) -> AsyncIterator[bytes]:
-    """Token pieces as they come; a client that leaves sets ``cancel`` (StreamingStatus
-    CANCEL in the pipeline) and the lock is held until the pipeline has stopped."""
-    model, cid = gen.config.model_id, "chatcmpl-" + os.urandom(12).hex()
+    """Token pieces as they come, as chat chunks (``messages``) or text-completion chunks
+    (``prompt``); a client that leaves sets ``cancel`` (StreamingStatus CANCEL in the
+    pipeline) and the lock is held until the pipeline has stopped."""
+    text = prompt is not None
+    model = gen.config.model_id
+    cid = ("cmpl-" if text else "chatcmpl-") + os.urandom(12).hex()
+
+    def piece(content: str) -> dict[str, Any] | str:
+        return content if text else {"content": content}
+
     queue: asyncio.Queue[str] = asyncio.Queue()
     cancel = threading.Event()
     task = asyncio.create_task(
         gen.generate(
             messages,
-            None,
+            prompt,
             max_new_tokens=max_new,
             on_text=queue.put_nowait,
             cancel=cancel,
@@ -345,32 +407,28 @@ async def _chat_stream(
         )
     )
     try:
-        yield _chunk(model, cid, {"role": "assistant", "content": ""}, None)
+        if not text:
+            yield _chunk(model, cid, {"role": "assistant", "content": ""}, None)
         while True:
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
-                yield _chunk(model, cid, {"content": getter.result()}, None)
+                yield _chunk(model, cid, piece(getter.result()), None)
                 continue
             getter.cancel()
             while not queue.empty():
-                yield _chunk(model, cid, {"content": queue.get_nowait()}, None)
+                yield _chunk(model, cid, piece(queue.get_nowait()), None)
             break
         result = task.result()
-        finish = "length" if result.tokens >= max_new else "stop"
-        yield _chunk(model, cid, {}, finish)
+        yield _chunk(model, cid, piece("") if text else {}, _finish(result, max_new))
         if usage:
-            body = {
+            body: dict[str, Any] = {
                 "id": cid,
-                "object": "chat.completion.chunk",
+                "object": "text_completion" if text else "chat.completion.chunk",
                 "created": int(time.time()),
                 "model": model,
                 "choices": [],
-                "usage": {
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.tokens,
-                    "total_tokens": result.prompt_tokens + result.tokens,
-                },
+                "usage": _usage(result),
             }
             yield b"data: " + _encoder.encode(body) + b"\n\n"
         yield b"data: [DONE]\n\n"

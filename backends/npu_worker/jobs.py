@@ -66,13 +66,14 @@ def check_input(text: object) -> str:
     return text
 
 
-def check_max_new_tokens(value: object, default: int) -> int:
+def check_max_new_tokens(value: object, default: int, *, name: str = "max_new_tokens") -> int:
+    """``name``: the field as the client spelled it (OpenAI routes say ``max_tokens``)."""
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidJob("max_new_tokens must be an integer")
+        raise InvalidJob(f"{name} must be an integer")
     if not 1 <= value <= MAX_NEW_TOKENS:
-        raise InvalidJob(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}")
+        raise InvalidJob(f"{name} must be between 1 and {MAX_NEW_TOKENS} on this worker")
     return value
 
 
