@@ -8,10 +8,21 @@ This module holds types only and must not perform I/O.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Protocol
 
 import msgspec
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

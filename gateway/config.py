@@ -8,7 +8,6 @@ overrides ``[auth] token`` and ``ORCHGATE_ADMIN_TOKEN`` ``[auth] admin_token``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from backends.base import Strict
+from backends.base import Strict, is_loopback
 from backends.hardware import HardwareConfig
 from backends.registry import ReplicaConfig
 
@@ -199,15 +198,6 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not match or not 0 <= int(match["port"]) <= 65535:
         raise ConfigError(f"server.bind: expected HOST:PORT, got {bind!r}")
     return match["v6"] or match["host"], int(match["port"])
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def validate(config: Config) -> None:

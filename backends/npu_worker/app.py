@@ -194,46 +194,38 @@ def create_worker_app(gen: Generator, *, bind: str) -> Litestar:  # noqa: C901 -
     async def notification(request: Request[Any, Any, Any]) -> Response[Any]:
         return await job_route(request, Job.NOTIFICATION.value)
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
+    async def openai_route(request: Request[Any, Any, Any], text: bool) -> Response[Any] | Stream:
+        """Chat (``messages``) or text completion (a raw ``prompt``, no chat template)."""
+        messages: list[dict[str, str]] | None = None
+        prompt: str | None = None
         try:
             body = await _json_body(request)
-            messages, max_new, stream, usage = _chat_bounds(body)
+            if text:
+                prompt, max_new, stream, usage = _completion_bounds(body)
+            else:
+                messages, max_new, stream, usage = _chat_bounds(body)
         except InvalidJob as exc:
             return _openai_error(str(exc))
         seed, temperature = _sampling(body)
         await gen.load()
         if stream:
             return Stream(
-                _stream(gen, messages, None, max_new, usage, seed, temperature),
+                _stream(gen, messages, prompt, max_new, usage, seed, temperature),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         result = await gen.generate(
-            messages, None, max_new_tokens=max_new, seed=seed, temperature=temperature
+            messages, prompt, max_new_tokens=max_new, seed=seed, temperature=temperature
         )
-        return Response(_completion(gen.config.model_id, result, max_new))
+        return Response(_completion(gen.config.model_id, result, max_new, text=text))
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
+        return await openai_route(request, text=False)
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
-        """Raw-prompt generation (no chat template), OpenAI's ``text_completion`` shape."""
-        try:
-            body = await _json_body(request)
-            prompt, max_new, stream, usage = _completion_bounds(body)
-        except InvalidJob as exc:
-            return _openai_error(str(exc))
-        seed, temperature = _sampling(body)
-        await gen.load()
-        if stream:
-            return Stream(
-                _stream(gen, None, prompt, max_new, usage, seed, temperature),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        result = await gen.generate(
-            None, prompt, max_new_tokens=max_new, seed=seed, temperature=temperature
-        )
-        return Response(_completion(gen.config.model_id, result, max_new, text=True))
+        return await openai_route(request, text=True)
 
     def not_found(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
         if exc.status_code == 404:

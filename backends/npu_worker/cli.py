@@ -61,23 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     import logging
     import os
 
     token = os.environ.get(args.token_env) or None
-    if not _is_loopback(args.host) and not (args.allow_remote and token):
+    from backends.base import is_loopback
+
+    if not is_loopback(args.host) and not (args.allow_remote and token):
         print(
             f"orchgate npu-worker: --host {args.host} is not loopback; the worker has no "
             f"other protection, so this needs --allow-remote and a token in ${args.token_env}",
