@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import free_port
 from tests.fakes.servers import gateway_process, wait_until
 from tests.prom import scrape, value
+
+pytestmark = pytest.mark.slow  # compiles the NVML stand-in; real orchgate serve processes
 
 GIB = 1024**3
 

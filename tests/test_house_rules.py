@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 
 PACKAGES = ("gateway", "policies", "backends")
@@ -38,6 +40,7 @@ def test_ruff_lint_and_format_are_clean() -> None:
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
 
 
+@pytest.mark.slow  # a cold type check of every module
 def test_mypy_strict_passes_on_the_packages() -> None:
     result = subprocess.run(
         [_tool("mypy")], cwd=REPO, capture_output=True, text=True, timeout=300

@@ -12,10 +12,13 @@ from typing import Any
 import httpx
 import msgspec
 import openai
+import pytest
 
 from tests.conftest import free_port
 from tests.fakes.servers import gateway_process
 from tests.sse import read_task_events
+
+pytestmark = pytest.mark.slow  # a real orchgate serve process at debug level
 
 CANARY = "CANARY-7f3e9a"
 TOKEN = f"secret-{CANARY}-token"

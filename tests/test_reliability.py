@@ -98,6 +98,7 @@ def _replica_view(gw: Any, replica_id: str) -> dict[str, Any]:
     return next(r for r in health["metrics"]["replicas"] if r["id"] == replica_id)
 
 
+@pytest.mark.slow  # waits out real, doubling cooldowns
 def test_consecutive_failures_eject_for_a_growing_cooldown(
     fake_upstream: Any, sick_upstream: Any, gateway_factory: Any
 ) -> None:

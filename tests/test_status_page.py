@@ -71,6 +71,7 @@ def test_status_page_shows_a_live_pool(
             shutil.copy(tmp_path / "status-page.png", Path(keep) / "status-page.png")
 
 
+@pytest.mark.slow  # a real browser
 def test_status_page_data_is_behind_the_token(
     fake_upstream: Any, gateway_factory: Any, tmp_path: Path
 ) -> None:

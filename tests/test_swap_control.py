@@ -192,6 +192,7 @@ def test_reservation_lock_blocks_reloads_until_released_forced_or_expired(
         assert reload(base).status_code == 200
 
 
+@pytest.mark.slow  # waits out real 1 s delivery backoffs
 def test_webhooks_are_signed_retried_and_never_delay_the_reload(
     fake_upstream: Any, receiver: tuple[Receiver, AiohttpThread], tmp_path: Path, dead_url: str
 ) -> None:
