@@ -129,6 +129,7 @@ class BackendError(Exception):
         status: int | None = None,
         retry_after_s: float | None = None,
         body: dict[str, Any] | None = None,
+        answered: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -137,7 +138,7 @@ class BackendError(Exception):
         self.status = status or self.default_status
         self.retry_after_s = retry_after_s
         self.attempts = 1  # set by dispatch when retries were exhausted
-        self.answered = False  # the upstream answered this error itself (see module doc)
+        self.answered = answered  # the upstream answered this error itself (module doc)
         self.body = body or {
             "error": {
                 "message": message,
@@ -221,16 +222,15 @@ def error_from_status(
         cls = BackendFailed  # a conflict is transient by OpenAI convention; try again
     else:
         cls = BackendRejected
-    error = cls(
+    return cls(
         message,
         replica_id=replica_id,
         engine=engine,
         status=status,
         retry_after_s=retry_after_s,
         body=body,
+        answered=True,
     )
-    error.answered = True
-    return error
 
 
 # what engines say when a request asks for something this server cannot do

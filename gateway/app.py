@@ -68,7 +68,8 @@ def _http_exception_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Re
     if status == 404:
         return _render(NotFound("Unknown path; see GET /v1/models and the README for routes"))
     if status == 405:
-        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        given = exc.headers or {}
+        allow = given.get("Allow") or given.get("allow")
         return _render(
             MethodNotAllowed(
                 "method not allowed for this route", headers={"Allow": allow} if allow else None
@@ -306,7 +307,7 @@ class GatewayApp:
         self._logs_itself = set(self._hot)  # the proxy writes its own, richer lines
         for path in ("/v1/models", "/models"):
             self._hot[path] = proxy.models
-        self._model = proxy.model  # /v1/models/{id}: ids may hold slashes
+        self._model = proxy.models  # also /v1/models/{id}: ids may hold slashes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -357,36 +358,32 @@ class GatewayApp:
             await self._route(scope, receive, send_and_watch)
         finally:
             if status >= 400 or scope["path"] not in _QUIET_PATHS:
-                self.access_log.write(
-                    AccessRecord(
-                        ts=time.time(),
-                        method=scope["method"],
-                        path=scope["path"],
-                        status=status,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                        request_id=request_id(scope),
-                    )
-                )
+                elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+                self._access_line(scope, status, elapsed_ms, request_id(scope))
+
+    def _access_line(self, scope: Any, status: int, duration_ms: float, rid: str) -> None:
+        self.access_log.write(
+            AccessRecord(
+                ts=time.time(),
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=duration_ms,
+                request_id=rid,
+            )
+        )
 
     async def _refuse(self, scope: Any, send: Any, error: GatewayError) -> None:
+        rid = request_id(scope)  # one id: the answer's header and the log line agree
         headers = []
         if carries_request_id(scope["path"]):
-            headers.append((b"x-request-id", request_id(scope).encode()))
+            headers.append((b"x-request-id", rid.encode()))
         if isinstance(error, HeadersTooLarge):
             headers.append((b"connection", b"close"))
         body = error_body(error, scope["path"])
         await send_bytes(send, error.status, body, headers)
         if self.access_log.enabled:
-            self.access_log.write(
-                AccessRecord(
-                    ts=time.time(),
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=error.status,
-                    duration_ms=0.0,
-                    request_id=request_id(scope),
-                )
-            )
+            self._access_line(scope, error.status, 0.0, rid)
 
     def _with_cors(self, scope: Any, send: Any) -> Any:
         origin = next((v for k, v in scope["headers"] if k == b"origin"), None)

@@ -7,7 +7,8 @@ connection and before any application code runs:
 
 * the request head capped at ``server.max_header_bytes`` as it arrives: 431 and close;
 * a header-read deadline (the whole head, from its first byte or the connection's start)
-  and a body-read deadline (the longest silence between two body reads): 408 and close;
+  and a body-read deadline (silence inside a body, checked once per period: a stall is
+  caught between ``body_timeout_s`` and twice that): 408 and close;
 * a cap on open connections: the next one gets 503 and is closed;
 * ``Content-Length`` over ``server.max_body_bytes``: 413 before the body is read;
 * every such answer, and a malformed request (400), in the OpenAI error envelope (the

@@ -160,12 +160,13 @@ class GatewayState:
         """Rebuild the model routing table and ``/v1/models`` from the pools (start, reload)."""
         configs = [pool.config for pool in self.pools.values()]
         self.models = ModelIndex((p.id, p.models) for p in configs)
-        names = [(name, p.models[0], p.id) for p in configs for name in p.models]
-        self.models_body = models_list(names, self.started_at)
-        self.model_bodies = {
-            name: encoder.encode(model_object(name, canonical, pool, self.started_at))
-            for name, canonical, pool in names
-        }
+        objects = [
+            model_object(name, p.models[0], p.id, self.started_at)
+            for p in configs
+            for name in p.models
+        ]
+        self.models_body = models_list(objects)  # GET /v1/models
+        self.model_bodies = {o["id"]: encoder.encode(o) for o in objects}  # /v1/models/{id}
 
     async def settled(self, pool: PoolRuntime) -> PoolRuntime:
         """The pool that serves ``pool.id`` once no in-place swap holds it. The data plane

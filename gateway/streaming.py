@@ -87,20 +87,27 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
 
 
+def event_spans(batch: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(start, end, next)`` of each event in a batch: the event is ``batch[start:end]``,
+    its blank line runs to ``next``."""
+    start = 0
+    for match in _BOUNDARY.finditer(batch):
+        if match.start() > start:
+            yield start, match.start(), match.end()
+        start = match.end()
+    if start < len(batch):
+        yield start, len(batch), len(batch)
+
+
 def split_events(batch: bytes) -> Iterator[bytes]:
     """The events of a batch of whole events, each without its blank line."""
-    if b"\r" not in batch:
+    if b"\r" not in batch:  # LF only: one C-level split
         for event in batch.split(b"\n\n"):
             if event:
                 yield event
         return
-    start = 0
-    for match in _BOUNDARY.finditer(batch):
-        if match.start() > start:
-            yield batch[start : match.start()]
-        start = match.end()
-    if start < len(batch):
-        yield batch[start:]
+    for start, end, _ in event_spans(batch):
+        yield batch[start:end]
 
 
 def has_done(events: bytes) -> bool:
@@ -162,10 +169,11 @@ def _opening_error(first: bytes) -> BackendFailed | None:
         return None
     if not (isinstance(decoded, dict) and "error" in decoded):
         return None
-    error = BackendFailed("upstream stream opened with an error event")
-    error.body = openai_error_body(502, data)
-    error.answered = True  # the engine is alive and said why
-    return error
+    return BackendFailed(
+        "upstream stream opened with an error event",
+        body=openai_error_body(502, data),
+        answered=True,  # the engine is alive and said why
+    )
 
 
 class SseReader:
@@ -184,8 +192,10 @@ class SseReader:
     def _take_usage(self, events: bytes) -> bytes:
         """Read the engine's usage by decoding each event that mentions it (any JSON
         spacing, any framing); drop the usage-only chunk the gateway asked for itself."""
-        hidden = []
-        for event in split_events(events):
+        kept: list[bytes] = []
+        cut_from = 0  # events[cut_from:] not yet copied into ``kept``
+        for start, end, after in event_spans(events):
+            event = events[start:end]
             if b'"usage"' not in event or b'"usage":null' in event:
                 continue  # (a spaced null is decoded: correct, only slower)
             data = event_data(event)
@@ -194,24 +204,23 @@ class SseReader:
             usage, usage_only = usage_of(data)
             if usage is not None:
                 self.stats.usage = usage
-                if usage_only and self._hide_usage:
-                    hidden.append(event)
-        for event in hidden:  # rare: once per stream at most
-            self.stats.events -= 1
-            at = events.find(event)
-            end = last_boundary(events[: at + len(event) + 4]) if at >= 0 else -1
-            if at >= 0 and end > at:
-                events = events[:at] + events[end:]
-        return events
+                if usage_only and self._hide_usage:  # rare: once per stream at most
+                    self.stats.events -= 1
+                    kept.append(events[cut_from:start])
+                    cut_from = after
+        if not kept:
+            return events
+        kept.append(events[cut_from:])
+        return b"".join(kept)
 
     def _inspect(self, events: bytes) -> bytes:
         stats = self.stats
-        stats.events += events.count(b"\n\n") if b"\r" not in events else count_events(events)
+        stats.events += count_events(events)
         if b"error:" in events and (events.startswith(b"error:") or b"\nerror:" in events):
             events = _translate_error_fields(events)
         if b'"usage"' in events:  # the last chunk or two (and "usage":null on some engines)
             events = self._take_usage(events)
-        if b"[DONE]" in events and has_done(events):
+        if has_done(events):
             stats.done = True
         return events
 
@@ -220,11 +229,7 @@ class SseReader:
         event gets its blank line; anything else goes as it came)."""
         async for data in self._chunks:
             buffer = self._buffer + data if self._buffer else data
-            if b"\r" in buffer:
-                cut = last_boundary(buffer)
-            else:  # the LF-only fast path of last_boundary, inline: once per read
-                cut = buffer.rfind(b"\n\n")
-                cut = cut + 2 if cut >= 0 else -1
+            cut = last_boundary(buffer)
             if cut < 0:
                 self._buffer = buffer
                 continue

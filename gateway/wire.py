@@ -145,7 +145,6 @@ def model_object(name: str, canonical: str, pool: str, created: int) -> dict[str
     }
 
 
-def models_list(names: list[tuple[str, str, str]], created: int) -> bytes:
-    """``GET /v1/models``: OpenAI list shape; ``(id, canonical, pool)`` per name."""
-    data = [model_object(name, canonical, pool, created) for name, canonical, pool in names]
-    return encoder.encode({"object": "list", "data": data})
+def models_list(models: list[dict[str, Any]]) -> bytes:
+    """``GET /v1/models``: OpenAI list shape of ``model_object`` entries."""
+    return encoder.encode({"object": "list", "data": models})

@@ -70,6 +70,16 @@ ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+def variant_toml(variant_id: str, models: list[str], replica: str) -> str:
+    """A ``[[pools.variants]]`` block (one replica, its keys as TOML lines) for a config
+    file that defines one pool."""
+    names = ", ".join(f'"{m}"' for m in models)
+    return (
+        f'\n[[pools.variants]]\nid = "{variant_id}"\nmodels = [{names}]\n\n'
+        f"[[pools.variants.replicas]]\n{replica}\n"
+    )
+
+
 def pool(
     pool_id: str, models: list[str], replicas: list[dict[str, Any]], **extra: Any
 ) -> dict[str, Any]:

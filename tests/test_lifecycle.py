@@ -22,7 +22,14 @@ import openai
 import pytest
 
 from gateway.config import load_config
-from tests.conftest import ADMIN, ADMIN_TOKEN, free_port, run_gateway, test_assets
+from tests.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    free_port,
+    run_gateway,
+    test_assets,
+    variant_toml,
+)
 from tests.fakes.servers import wait_until
 from tests.prom import scrape, value
 
@@ -317,48 +324,32 @@ def reload(url: str, body: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(f"{url}/v1/pools/chat/reload", json=body, headers=ADMIN, timeout=90)
 
 
-# a launch that exits at once, with its reason on stderr
-EXITS_VARIANT = """
-[[pools.variants]]
-id = "exits"
-models = ["smollm2-a", "chat"]
+_NOWHERE = 'id = "r0"\nengine = "llamacpp"\nurl = "http://127.0.0.1:1"\n'
 
-[[pools.variants.replicas]]
-id = "r0"
-engine = "llamacpp"
-url = "http://127.0.0.1:1"
-model_path = "/nonexistent/model.gguf"
-launch = ["{python}", "-c", "import sys; sys.exit('no model at /nonexistent/model.gguf')"]
-"""
+# a launch that exits at once, with its reason on stderr
+EXITS_VARIANT = variant_toml(
+    "exits",
+    ["smollm2-a", "chat"],
+    _NOWHERE + 'model_path = "/nonexistent/model.gguf"\n'
+    'launch = ["{python}", "-c", "import sys; sys.exit(\'no model at /nonexistent/model.gguf\')"]',
+)
 
 
 def missing_model_variant() -> str:
     """A launch that starts but never serves: llama-server with a missing model file."""
-    return f"""
-[[pools.variants]]
-id = "missing"
-models = ["smollm2-a", "chat"]
-
-[[pools.variants.replicas]]
-id = "r0"
-engine = "llamacpp"
-url = "http://127.0.0.1:1"
-model_path = "/nonexistent/model.gguf"
-launch = ["{test_assets.llama_server()}", "-m", "{{model}}", "--port", "{{port}}"]
-"""
+    return variant_toml(
+        "missing",
+        ["smollm2-a", "chat"],
+        _NOWHERE + 'model_path = "/nonexistent/model.gguf"\n'
+        f'launch = ["{test_assets.llama_server()}", "-m", "{{model}}", "--port", "{{port}}"]',
+    )
 
 
-BROKEN_VARIANT = """
-[[pools.variants]]
-id = "broken"
-models = ["smollm2-x", "chat"]
-
-[[pools.variants.replicas]]
-id = "r0"
-engine = "llamacpp"
-url = "http://127.0.0.1:1"
-launch = ["{python}", "-c", "import sys; sys.exit('cannot load the weights')"]
-"""
+BROKEN_VARIANT = variant_toml(
+    "broken",
+    ["smollm2-x", "chat"],
+    _NOWHERE + 'launch = ["{python}", "-c", "import sys; sys.exit(\'cannot load the weights\')"]',
+)
 
 
 def test_swap_from_the_status_page_under_load_respecting_the_lock(tmp_path: Path) -> None:

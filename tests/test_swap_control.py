@@ -18,7 +18,14 @@ from aiohttp import web
 
 from gateway.config import load_config
 from gateway.webhooks import verify
-from tests.conftest import ADMIN, ADMIN_TOKEN, free_port, run_gateway, serve_aiohttp
+from tests.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    free_port,
+    run_gateway,
+    serve_aiohttp,
+    variant_toml,
+)
 from tests.fakes.servers import AiohttpThread, wait_until
 
 SECRET = "a-webhook-secret-of-some-length"
@@ -112,15 +119,6 @@ def config_reload(url: str) -> httpx.Response:
     return httpx.post(url + "/v1/config/reload", headers=ADMIN, timeout=30)
 
 
-def variant(variant_id: str, models: list[str], replica: str) -> str:
-    """A ``[[pools.variants]]`` block for the one pool ``write`` defines."""
-    names = ", ".join(f'"{m}"' for m in models)
-    return (
-        f'\n[[pools.variants]]\nid = "{variant_id}"\nmodels = [{names}]\n\n'
-        f"[[pools.variants.replicas]]\n{replica}\n"
-    )
-
-
 def test_reservation_lock_blocks_reloads_until_released_forced_or_expired(
     fake_upstream: Any, tmp_path: Path
 ) -> None:
@@ -199,7 +197,7 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
     _, server = fake_upstream
     hook, hook_server = receiver
     hook.gate.clear()  # the receiver hangs until the reload has answered
-    dead = variant("dead", ["m", "alias"], f'id = "x"\nengine = "openai"\nurl = "{dead_url}"')
+    dead = variant_toml("dead", ["m", "alias"], f'id = "x"\nengine = "openai"\nurl = "{dead_url}"')
     with gateway(tmp_path, server.url, hook_url=hook_server.url + "/hook", extra=dead) as gw:
         swapped = reload(gw.url, {"variant": "two"})  # would time out if it waited
         assert swapped.status_code == 200, swapped.text
@@ -240,7 +238,9 @@ def test_webhooks_are_signed_retried_and_never_delay_the_reload(
 
 def test_reload_swaps_routing_and_models_atomically(fake_upstream: Any, tmp_path: Path) -> None:
     fake, server = fake_upstream
-    three = variant("three", ["m3", "alias"], f'id = "f0"\nengine = "openai"\nurl = "{server.url}"')
+    three = variant_toml(
+        "three", ["m3", "alias"], f'id = "f0"\nengine = "openai"\nurl = "{server.url}"'
+    )
     with gateway(tmp_path, server.url, extra=three) as gw:
         chat = {"model": "alias", "messages": [{"role": "user", "content": "hi"}]}
         first = httpx.post(gw.url + "/v1/chat/completions", json=chat)
@@ -358,7 +358,7 @@ def test_a_replica_that_is_healthy_but_serves_another_model_is_not_switched_to(
     _, server = fake_upstream
     sim, sim_server = vllm_sim
     v0 = f'id = "v0"\nengine = "vllm"\nurl = "{sim_server.url}"\nslots = 4'
-    settings = variant("wrong", ["meta-llama/Llama-3.1-8B", "alias"], v0) + variant(
+    settings = variant_toml("wrong", ["meta-llama/Llama-3.1-8B", "alias"], v0) + variant_toml(
         "right", [sim.served_model, "alias"], v0
     )
     with gateway(tmp_path, server.url, extra=settings) as gw:

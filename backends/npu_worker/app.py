@@ -121,7 +121,10 @@ def _chat_bounds(body: dict[str, Any]) -> tuple[list[dict[str, str]], int, bool,
 
 def _openai_bounds(body: dict[str, Any]) -> tuple[int, bool, bool]:
     """``max_tokens`` (in OpenAI's terms), ``stream`` and ``include_usage`` of a body."""
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # max_completion_tokens wins when it is set (null means "not set", as before)
+    name = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
     max_new = check_max_new_tokens(body.get(name), MAX_NEW_TOKENS, name=name)
     options = body.get("stream_options") or {}
     usage = bool(isinstance(options, dict) and options.get("include_usage"))

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-remote",
         action="store_true",
-        help="allow a non-loopback --host; needs --token (or ORCHGATE_WORKER_TOKEN)",
+        help="allow a non-loopback --host; needs a token in the --token-env variable",
     )
     parser.add_argument(
         "--token-env",

@@ -12,6 +12,7 @@ Behaviour lives in ``gateway.lifecycle``, ``policies.reservation`` and
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Annotated, Any
 
@@ -53,24 +54,27 @@ _CONFIG_FILE_ONLY = ("models", "replicas", "max_context_tokens", "launch", "url"
                      "api_key_env", "engine")  # fmt: skip
 
 
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+
+
 def _decode_reload(raw: bytes) -> ReloadRequest | None:
-    if raw.strip():
-        try:
-            fields = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise InvalidJson(TOO_DEEP) from None
-        if isinstance(fields, dict):
-            for name in _CONFIG_FILE_ONLY:
-                if name in fields:
-                    raise InvalidRequest(
-                        f"'{name}' cannot be set over HTTP: what runs (programs, files, "
-                        "addresses) comes from the config file only. Define a "
-                        '[[pools.variants]] there and reload with {"variant": "<id>"}',
-                        param=name,
-                    )
-    return _decode(raw, ReloadRequest)  # type: ignore[no-any-return]
+    """The reload body; a field only the config file may set gets a 400 that says so (the
+    strict decode refuses it anyway, as any unknown field)."""
+    try:
+        return _decode(raw, ReloadRequest)  # type: ignore[no-any-return]
+    except InvalidJson:
+        raise
+    except InvalidRequest as error:
+        unknown = _UNKNOWN_FIELD.search(error.message)
+        if unknown is None or unknown[1] not in _CONFIG_FILE_ONLY:
+            raise
+        name = unknown[1]
+        raise InvalidRequest(
+            f"'{name}' cannot be set over HTTP: what runs (programs, files, addresses) comes "
+            "from the config file only. Define a [[pools.variants]] there and reload with "
+            '{"variant": "<id>"}',
+            param=name,
+        ) from None
 
 
 def _flag(request: Request[Any, Any, Any], name: str) -> bool:

@@ -228,28 +228,17 @@ class OpenAIProxy:
 
     # -- GET /v1/models ------------------------------------------------------------------
     async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        rid = request_id(scope)
-        headers: Headers = [(b"x-request-id", rid.encode())]
-        try:
-            if scope["method"] not in ("GET", "HEAD"):
-                raise MethodNotAllowed("use GET for this route", headers=_ALLOW_GET)
-            self.auth.check(header(scope, b"authorization"))
-        except GatewayError as error:
-            await send_error(send, error, headers)
-            return
-        await send_bytes(send, 200, self.state.models_body, headers)
-
-    async def model(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """``GET /v1/models/{id}`` (``models.retrieve()``); ids may hold slashes."""
+        """``GET /v1/models`` (the list) and ``GET /v1/models/{id}`` (``models.retrieve``;
+        ids may hold slashes), with or without ``/v1``."""
         rid = request_id(scope)
         headers: Headers = [(b"x-request-id", rid.encode())]
         path: str = scope["path"]
-        name = path.removeprefix("/v1/models/") if path.startswith("/v1/") else path[8:]
+        name = path.removeprefix("/v1").removeprefix("/models").removeprefix("/")
         try:
             if scope["method"] not in ("GET", "HEAD"):
                 raise MethodNotAllowed("use GET for this route", headers=_ALLOW_GET)
             self.auth.check(header(scope, b"authorization"))
-            body = self.state.model_bodies.get(name)
+            body = self.state.model_bodies.get(name) if name else self.state.models_body
             if body is None:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="model")
         except GatewayError as error:
