@@ -30,21 +30,53 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 
 
 class Endpoint(enum.StrEnum):
-    """The OpenAI routes a replica may serve; the value is the path under the replica root."""
+    """The routes a replica may serve; the value is the path under the replica root, unless
+    the adapter maps it elsewhere (``Backend.paths``: the un-prefixed routes)."""
 
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
     EMBEDDINGS = "/v1/embeddings"
+    RESPONSES = "/v1/responses"
+    MESSAGES = "/v1/messages"  # Anthropic
+    COUNT_TOKENS = "/v1/messages/count_tokens"  # Anthropic
+    RERANK = "/v1/rerank"
+    TOKENIZE = "/tokenize"
+    DETOKENIZE = "/detokenize"
+    TRANSCRIPTIONS = "/v1/audio/transcriptions"  # multipart in, JSON or text out
+    SPEECH = "/v1/audio/speech"  # JSON in, audio bytes out
+    # the un-prefixed /completions and /embeddings: llama-server's own handlers there,
+    # the /v1 routes on every other engine
+    BARE_COMPLETIONS = "/completions"
+    BARE_EMBEDDINGS = "/embeddings"
+    # an engine-native route reached through /upstream/{model}/... (UpstreamCall.path)
+    NATIVE = "/upstream"
     # the bounded jobs of the OpenVINO worker contract (engine ``openvino`` only)
     WORKER_GENERATE = "/v1/worker/generate"
     WORKER_MEMORY = "/v1/worker/extract-memory-candidates"
     WORKER_NOTIFICATION = "/v1/worker/condense-notification"
 
 
-OPENAI_ENDPOINTS = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+# what an OpenAI-compatible server serves, short of the engine-specific routes
+OPENAI_ENDPOINTS = frozenset(
+    {
+        Endpoint.CHAT,
+        Endpoint.COMPLETIONS,
+        Endpoint.EMBEDDINGS,
+        Endpoint.RESPONSES,
+        Endpoint.TRANSCRIPTIONS,
+        Endpoint.SPEECH,
+        Endpoint.BARE_COMPLETIONS,
+        Endpoint.BARE_EMBEDDINGS,
+    }
+)
 WORKER_ENDPOINTS = frozenset(
     {Endpoint.WORKER_GENERATE, Endpoint.WORKER_MEMORY, Endpoint.WORKER_NOTIFICATION}
 )
+# how the un-prefixed routes are meant on an OpenAI-compatible server
+BARE_TO_V1 = {
+    Endpoint.BARE_COMPLETIONS: Endpoint.COMPLETIONS.value,
+    Endpoint.BARE_EMBEDDINGS: Endpoint.EMBEDDINGS.value,
+}
 
 
 class UpstreamCall(msgspec.Struct, frozen=True):
@@ -61,6 +93,10 @@ class UpstreamCall(msgspec.Struct, frozen=True):
     # the gateway added ``stream_options.include_usage`` for its own token accounting: the
     # usage-only chunk is not relayed to the client
     hide_usage: bool = False
+    # the client's own content type when it is not JSON (multipart audio uploads)
+    content_type: bytes | None = None
+    # Endpoint.NATIVE only: the engine route, one of the adapter's ``native_routes``
+    path: str | None = None
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -126,7 +162,13 @@ class Backend(Protocol):
     engine: ClassVar[str]
     replica_id: str
     launch_argv: list[str] | None
-    endpoints: frozenset[Endpoint]
+    endpoints: frozenset[Endpoint]  # what this replica serves (config ``endpoints``)
+    # engine routes /upstream/{model}/... may reach: path -> "data" (the gateway token)
+    # or "admin" (introspection: the admin token)
+    native_routes: ClassVar[dict[str, str]]
+    # endpoints whose answers are the engine's own shape, relayed as they come (no OpenAI
+    # stream rules: no [DONE] to expect, no usage to read)
+    native_endpoints: ClassVar[frozenset[Endpoint]]
     configured_slots: int | None
     gpu_device: int | None  # NVML index, when the replica runs on a known NVIDIA GPU
     default_slots: ClassVar[int]
@@ -148,6 +190,10 @@ class Backend(Protocol):
 
     async def load(self) -> ReplicaLoad:
         """The engine's own running/waiting counts, where it exposes them."""
+        ...
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        """A short GET of an engine route (probes, ``/upstream`` introspection)."""
         ...
 
     async def send(self, call: UpstreamCall, limits: Limits = NO_LIMITS) -> UpstreamResponse:

@@ -7,7 +7,7 @@ from ``build_info``; load from ``GET /slots`` where it is enabled.
 
 from __future__ import annotations
 
-from backends.base import ReplicaInfo, ReplicaLoad
+from backends.base import OPENAI_ENDPOINTS, Endpoint, ReplicaInfo, ReplicaLoad
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
@@ -18,6 +18,35 @@ class LlamaCppReplicaConfig(HttpReplicaConfig, tag="llamacpp", frozen=True):
 class LlamaCppBackend(OpenAICompatBackend):
     engine = "llamacpp"
     default_slots = 1
+    # llama-server (b6000 and later) serves the OpenAI routes, Anthropic's and its own; the
+    # un-prefixed /completions and /embeddings are its native handlers, not the /v1 ones
+    served = OPENAI_ENDPOINTS - {Endpoint.SPEECH} | {
+        Endpoint.MESSAGES,
+        Endpoint.COUNT_TOKENS,
+        Endpoint.RERANK,
+        Endpoint.TOKENIZE,
+        Endpoint.DETOKENIZE,
+    }
+    paths = {}
+    native_endpoints = frozenset(
+        {Endpoint.BARE_COMPLETIONS, Endpoint.BARE_EMBEDDINGS, Endpoint.TOKENIZE,
+         Endpoint.DETOKENIZE}
+    )  # fmt: skip
+    # /upstream/{model}/...: llama-server's own routes. Never /slots/{id} (its save and
+    # restore actions take a file name) nor POST /props (changes the server's settings).
+    native_routes = {
+        "/completion": "data",
+        "/infill": "data",
+        "/tokenize": "data",
+        "/detokenize": "data",
+        "/apply-template": "data",
+        "/embedding": "data",
+        "/reranking": "data",
+        "/props": "admin",
+        "/slots": "admin",
+        "/metrics": "admin",
+        "/health": "data",
+    }
 
     async def probe(self) -> ReplicaInfo:
         status, raw = await self.get("/health")

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from backends.base import (
+    BARE_TO_V1,
     NO_LIMITS,
     OPENAI_ENDPOINTS,
     Endpoint,
@@ -55,6 +56,9 @@ class HttpReplicaConfig(Strict, tag_field="engine", frozen=True):
     # NVIDIA GPU index (as nvidia-smi numbers them) this replica runs on: telemetry and
     # placement read its utilisation and VRAM through NVML
     gpu_device: Annotated[int, Meta(ge=0)] | None = None
+    # the routes this replica serves, as paths ("/v1/rerank"); default: what its engine
+    # serves (an engine built without a feature, or an upstream that offers less)
+    endpoints: Annotated[list[Endpoint], Meta(min_length=1)] | None = None
 
 
 def _transport_error(exc: OSError, *, lost: str) -> BackendError:
@@ -108,11 +112,20 @@ class OpenAICompatBackend:
 
     engine: ClassVar[str] = "openai"
     default_slots: ClassVar[int] = 64
-    endpoints: frozenset[Endpoint] = OPENAI_ENDPOINTS
+    served: ClassVar[frozenset[Endpoint]] = OPENAI_ENDPOINTS  # the engine's, by default
+    paths: ClassVar[dict[Endpoint, str]] = BARE_TO_V1  # endpoints served at another path
+    native_routes: ClassVar[dict[str, str]] = {}
+    native_endpoints: ClassVar[frozenset[Endpoint]] = frozenset()
 
     def __init__(self, config: HttpReplicaConfig, *, api_key: str | None = None) -> None:
         self.config = config
         self.replica_id = config.id
+        self.endpoints = frozenset(config.endpoints) if config.endpoints else self.served
+        if self.native_routes:
+            self.endpoints |= {Endpoint.NATIVE}
+        self._paths = {
+            endpoint: self.paths.get(endpoint, endpoint.value).encode() for endpoint in Endpoint
+        }
         self.configured_slots = config.slots
         self.gpu_device = config.gpu_device
         self.root = replica_root(config.url)
@@ -171,15 +184,16 @@ class OpenAICompatBackend:
     async def send(self, call: UpstreamCall, limits: Limits = NO_LIMITS) -> UpstreamStream:
         headers = b"".join(
             (
-                b"Content-Type: application/json\r\nX-Request-Id: ",
+                b"Content-Type: ",
+                call.content_type or b"application/json",
+                b"\r\nX-Request-Id: ",
                 call.request_id.encode(),
                 b"\r\n",
                 self._auth,
             )
         )
-        request = self.pool.build(
-            b"POST", self._prefix + call.endpoint.value.encode(), headers, call.body
-        )
+        path = self._paths[call.endpoint] if call.path is None else call.path.encode()
+        request = self.pool.build(b"POST", self._prefix + path, headers, call.body)
         response = await self._request(request, limits)
         if response.status >= 400:
             try:

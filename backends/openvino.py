@@ -18,7 +18,7 @@ class OpenVINOReplicaConfig(HttpReplicaConfig, tag="openvino", frozen=True):
 class OpenVINOBackend(OpenAICompatBackend):
     engine = "openvino"
     default_slots = 1
-    endpoints = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}) | WORKER_ENDPOINTS
+    served = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}) | WORKER_ENDPOINTS
 
     async def probe(self) -> ReplicaInfo:
         status, raw = await self.get("/healthz")

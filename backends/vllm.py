@@ -7,7 +7,7 @@ the port does not listen while weights load); version from ``GET /version``; loa
 
 from __future__ import annotations
 
-from backends.base import ReplicaInfo, ReplicaLoad
+from backends.base import OPENAI_ENDPOINTS, Endpoint, ReplicaInfo, ReplicaLoad
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
@@ -35,6 +35,23 @@ def gauge_sum(metrics_text: str, name: str) -> float | None:
 class VLLMBackend(OpenAICompatBackend):
     engine = "vllm"
     default_slots = 256  # vLLM's default --max-num-seqs
+    # vLLM's OpenAI server (0.11+): the OpenAI routes, Anthropic messages, rerank and the
+    # un-prefixed tokenizer routes ({model, prompt|messages} -> {count, max_model_len, tokens})
+    served = OPENAI_ENDPOINTS - {Endpoint.SPEECH} | {
+        Endpoint.MESSAGES,
+        Endpoint.RERANK,
+        Endpoint.TOKENIZE,
+        Endpoint.DETOKENIZE,
+    }
+    native_endpoints = frozenset({Endpoint.TOKENIZE, Endpoint.DETOKENIZE})
+    native_routes = {
+        "/pooling": "data",
+        "/classify": "data",
+        "/score": "data",
+        "/metrics": "admin",
+        "/version": "data",
+        "/health": "data",
+    }
 
     async def probe(self) -> ReplicaInfo:
         status, _ = await self.get("/health")

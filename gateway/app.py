@@ -17,10 +17,10 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 
-from backends.base import OPENAI_ENDPOINTS, Endpoint
 from gateway.asgi import send_bytes
 from gateway.auth import TokenCheck
 from gateway.config import Config
+from gateway.endpoints import BY_PATH, MULTIPART_PATHS, ROUTES, Route
 from gateway.errors import (
     GatewayError,
     HeadersTooLarge,
@@ -36,7 +36,7 @@ from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
 from gateway.routes.control import control_handlers
 from gateway.routes.lifecycle import lifecycle_handlers
-from gateway.routes.openai import OpenAIProxy, fresh_request_id, request_id
+from gateway.routes.openai import UPSTREAM_PREFIX, OpenAIProxy, fresh_request_id, request_id
 from gateway.routes.tasks import task_error_body, task_router
 from gateway.state import GatewayState
 from gateway.webhooks import Webhooks
@@ -111,20 +111,13 @@ async def _ensure_request_id(message: Any, scope: Any) -> None:
     headers.append((b"x-request-id", request_id(scope).encode()))
 
 
-def _endpoint_handler(proxy: OpenAIProxy, endpoint: Endpoint) -> Any:
-    """The raw ASGI handler for one proxied endpoint (used by both entry points)."""
+def _route_handler(proxy: OpenAIProxy, route: Route) -> Any:
+    """The raw ASGI handler for one proxied route (used by both entry points)."""
 
     async def handler(scope: Any, receive: Any, send: Any) -> None:
-        await proxy.proxy(endpoint, scope, receive, send)
+        await proxy.proxy(route, scope, receive, send)
 
     return handler
-
-
-def _data_plane_paths(endpoint: Endpoint) -> list[str]:
-    """An OpenAI route also answers without ``/v1``; the worker's job routes do not."""
-    if endpoint in OPENAI_ENDPOINTS:
-        return [endpoint.value, endpoint.value.removeprefix("/v1")]
-    return [endpoint.value]
 
 
 def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
@@ -134,12 +127,16 @@ def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
     async def models(scope: Any, receive: Any, send: Any) -> None:
         await proxy.models(scope, receive, send)
 
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        await proxy.upstream(scope, receive, send)
+
     return [
         *(
-            asgi(path=_data_plane_paths(e), name=e.name.lower())(_endpoint_handler(proxy, e))
-            for e in Endpoint
+            asgi(path=list(r.paths), name=r.endpoint.name.lower())(_route_handler(proxy, r))
+            for r in ROUTES
         ),
         asgi(path=["/v1/models", "/models"], name="models")(models),
+        asgi(path="/upstream/{rest:path}", name="upstream")(upstream),
     ]
 
 
@@ -239,6 +236,7 @@ def create_app(
             allowed_hosts=config.server.allowed_hosts,
             cors_origins=config.server.cors.allow_origins,
             max_header_bytes=config.server.max_header_bytes,
+            multipart_paths=MULTIPART_PATHS,
         ),
         front_door=protocol_for(
             FrontDoorLimits(
@@ -299,12 +297,11 @@ class GatewayApp:
         self.front_door = front_door
         self._cors = {origin.encode() for origin in cors_origins}
         self._cors_any = "*" in cors_origins
-        self._hot: dict[str, Any] = {}
-        for endpoint in Endpoint:
-            handler = _endpoint_handler(proxy, endpoint)
-            for path in _data_plane_paths(endpoint):
-                self._hot[path] = handler
+        self._hot: dict[str, Any] = {
+            path: _route_handler(proxy, route) for path, route in BY_PATH.items()
+        }
         self._logs_itself = set(self._hot)  # the proxy writes its own, richer lines
+        self._upstream = proxy.upstream
         for path in ("/v1/models", "/models"):
             self._hot[path] = proxy.models
         self._model = proxy.models  # also /v1/models/{id}: ids may hold slashes
@@ -322,6 +319,11 @@ class GatewayApp:
             if self._cors or self._cors_any:
                 send = self._with_cors(scope, send)
             await self._hot[path](scope, receive, send)
+            return
+        if path.startswith(UPSTREAM_PREFIX) and scope["method"] != "OPTIONS":
+            if self._cors or self._cors_any:
+                send = self._with_cors(scope, send)
+            await self._upstream(scope, receive, send)
             return
         if self.access_log.enabled:
             await self._logged(scope, receive, send)

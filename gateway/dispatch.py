@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 from backends.base import Limits, UpstreamCall, UpstreamResponse
 from backends.errors import BackendError, BackendUnavailable
-from gateway.streaming import SseReader
+from gateway.streaming import Reader
 from policies.admission import AdmissionError, Lease, Priority, Ticket
 from policies.health import mark_unreachable
 
 if TYPE_CHECKING:
-    from gateway.state import PoolRuntime
+    from gateway.pools import PoolRuntime
 
 
 _NOWHERE: frozenset[str] = frozenset()
@@ -46,13 +46,13 @@ class Committed:
         lease: Lease,
         upstream: UpstreamResponse,
         attempts: int,
-        reader: SseReader | None = None,
+        reader: Reader | None = None,
         first: bytes = b"",
     ) -> None:
         self.lease = lease
         self.upstream = upstream
         self.attempts = attempts
-        self.reader = reader  # streams only: the rest of the events, after ``first``
+        self.reader = reader  # relayed answers only: the rest of the body, after ``first``
         self.first = first
 
     async def aclose(self) -> None:
@@ -74,15 +74,18 @@ async def dispatch(
     priority: Priority,
     make_call: Callable[[str], UpstreamCall],
     *,
+    open_reader: Callable[[UpstreamResponse], Reader] | None = None,
     ticket: Ticket | None = None,
     client_retries: int = 0,
 ) -> Committed:
     """Run one request to its first byte; ``make_call(replica_id)`` builds the call for the
-    chosen replica (its model name may differ). ``ticket`` is an admission the caller
-    already holds (the task API admits synchronously to answer 429 before 202).
-    ``client_retries``: the client's own ``x-stainless-retry-count``."""
+    chosen replica (its model name may differ). ``open_reader``: the answer is relayed as
+    it comes (streams, audio), and its first piece must arrive before the request counts
+    as placed; without it, the answer is read whole by the caller. ``ticket`` is an
+    admission the caller already holds (the task API admits synchronously to answer 429
+    before 202). ``client_retries``: the client's own ``x-stainless-retry-count``."""
     deadline = asyncio.get_running_loop().time() + pool.config.timeouts.total_s
-    run = _Attempts(pool, priority, make_call, ticket, deadline)
+    run = _Attempts(pool, priority, make_call, open_reader, ticket, deadline)
     try:
         return await run.once()  # the common case pays nothing for the retry machinery
     except BackendError as error:
@@ -120,6 +123,7 @@ class _Attempts:
         "deadline",
         "last_error",
         "make_call",
+        "open_reader",
         "pool",
         "priority",
         "ticket",
@@ -130,12 +134,14 @@ class _Attempts:
         pool: PoolRuntime,
         priority: Priority,
         make_call: Callable[[str], UpstreamCall],
+        open_reader: Callable[[UpstreamResponse], Reader] | None,
         ticket: Ticket | None,
         deadline: float,
     ) -> None:
         self.pool = pool
         self.priority = priority
         self.make_call = make_call
+        self.open_reader = open_reader
         self.ticket = ticket
         self.deadline = deadline
         self.attempt = 0
@@ -159,9 +165,9 @@ class _Attempts:
         call = self.make_call(replica.replica_id)
         try:
             upstream = await replica.backend.send(call, _limits(pool, call.stream, self.deadline))
-            if call.stream:
+            if self.open_reader is not None:
                 try:
-                    reader = SseReader(upstream, hide_usage=call.hide_usage)
+                    reader = self.open_reader(upstream)
                     first = await reader.first()
                 except BaseException:
                     await upstream.aclose()

@@ -125,6 +125,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class EndpointNotServed(NotFound):
+    """The model exists, but its pool's engine does not serve this route."""
+
+    code = "endpoint_not_supported"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"
@@ -205,3 +211,25 @@ def backoff_headers(retry_after_s: float) -> dict[str, str]:
     seconds = retry_after_seconds(retry_after_s)
     millis = str(max(1, int(retry_after_s * 1000)))
     return {"Retry-After": str(seconds), "X-Backoff-Ms": millis, "retry-after-ms": millis}
+
+
+# Anthropic's error types by status (its SDKs map the status; the type is for people)
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_envelope(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI error envelope in Anthropic's shape, ``{"type": "error", "error": {type,
+    message}}``, keeping the other fields (code, param, n_ctx) beside them."""
+    inner = dict(envelope.get("error") or {})
+    inner["type"] = _ANTHROPIC_TYPES.get(
+        status, "api_error" if status >= 500 else "invalid_request_error"
+    )
+    return {"type": "error", "error": inner}

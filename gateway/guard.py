@@ -7,7 +7,9 @@
   another site (``Origin``, else ``Sec-Fetch-Site``) needs that origin in the CORS
   allow-list (403): a page cannot use ``mode: "no-cors"`` or a form to fire requests.
 * A body on a state-changing request must be declared ``application/json`` (415): the
-  content types a page may send without a CORS preflight are exactly the others.
+  content types a page may send without a CORS preflight are exactly the others. The
+  upload route (audio transcriptions) also takes ``multipart/form-data``: browsers mark
+  every cross-site POST with ``Origin``, so the rule above still keeps pages out.
 * The request head as a whole stays under ``server.max_header_bytes`` (431) -- the front
   door enforces this while parsing; this is the same rule for any other ASGI server.
 
@@ -43,7 +45,14 @@ def _host_name(value: bytes) -> bytes:
 
 
 class RequestGuard:
-    __slots__ = ("_any_host", "_any_origin", "_hosts", "_max_header_bytes", "_origins")
+    __slots__ = (
+        "_any_host",
+        "_any_origin",
+        "_hosts",
+        "_max_header_bytes",
+        "_multipart_paths",
+        "_origins",
+    )
 
     def __init__(
         self,
@@ -52,6 +61,7 @@ class RequestGuard:
         allowed_hosts: list[str],
         cors_origins: list[str],
         max_header_bytes: int,
+        multipart_paths: frozenset[str] = frozenset(),
     ) -> None:
         self._any_host = bind_host in _WILDCARD_BINDS and not allowed_hosts
         hosts = {*_LOOPBACK_NAMES, *(h.lower().rstrip(".").encode() for h in allowed_hosts)}
@@ -61,6 +71,8 @@ class RequestGuard:
         self._origins = frozenset(o.encode() for o in cors_origins)
         self._any_origin = "*" in cors_origins
         self._max_header_bytes = max_header_bytes
+        # uploads (audio) are form posts; the Origin checks above still apply to them
+        self._multipart_paths = multipart_paths
 
     def check(self, scope: Any) -> GatewayError | None:
         size, host, origin, fetch_site, content_type, has_body = _scan(scope["headers"])
@@ -85,6 +97,8 @@ class RequestGuard:
         elif fetch_site is not None and fetch_site not in _TRUSTED_FETCH_SITES:
             return CrossOriginRefused("a state-changing request from another site")
         if has_body and not _is_json(content_type):
+            if scope["path"] in self._multipart_paths and _is_multipart(content_type):
+                return None
             return UnsupportedMediaType(
                 "send the body as JSON with 'Content-Type: application/json'",
                 param="Content-Type",
@@ -122,6 +136,12 @@ def _same_origin(origin: bytes, host: bytes | None) -> bool:
         return False
     scheme, sep, rest = origin.partition(b"://")
     return bool(sep) and scheme in (b"http", b"https") and rest.lower() == host.lower()
+
+
+def _is_multipart(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.split(b";", 1)[0].strip().lower() == (
+        b"multipart/form-data"
+    )
 
 
 def _is_json(content_type: bytes | None) -> bool:

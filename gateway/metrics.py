@@ -10,7 +10,6 @@ histograms, upstream errors by kind, retries, ejections, free VRAM), prefixed
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,8 @@ from prometheus_client.registry import Collector
 from policies.admission import PoolClosed, PoolUnready, Priority, QueueFull, QueueTimeout
 
 if TYPE_CHECKING:
-    from gateway.state import GatewayState, PoolRuntime
+    from gateway.pools import PoolRuntime
+    from gateway.state import GatewayState
     from policies.replicas import ReplicaState
 
 # Litestar appends "; charset=utf-8" to text/* media types itself
@@ -35,40 +35,6 @@ MODEL_STATES = ("Active", "Retired")
 REJECTION_REASONS = tuple(
     error.reason for error in (QueueFull, PoolUnready, QueueTimeout, PoolClosed)
 )
-# seconds: from a fast local replica's TTFT to a long generation
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-class Histogram:
-    """A fixed-bucket histogram that costs one bisect per observation."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
-        self.sum += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
-        return out
-
-
-class ReplicaLatency:
-    """Extended metrics only: time to first byte and whole-request duration."""
-
-    __slots__ = ("duration", "ttft")
-
-    def __init__(self) -> None:
-        self.ttft = Histogram()
-        self.duration = Histogram()
 
 
 def _version(replica: ReplicaState) -> str:

@@ -9,129 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection
 
 from backends.gpu import Nvml
-from backends.process import ManagedProcess
-from backends.registry import ModelIndex, build_backend
-from gateway.config import Config, PoolConfig
-from gateway.metrics import ReplicaLatency
+from backends.registry import ModelIndex
+from gateway.config import Config
+from gateway.errors import EndpointNotServed, InvalidRequest, ModelNotFound
+from gateway.pools import Hold, PoolRuntime
 from gateway.tasks import TaskBook
 from gateway.wire import encoder, model_object, models_list
-from policies.admission import AdmissionQueue, PoolClosed, QueueFull, QueueTimeout
-from policies.health import Ejector, HealthMonitor, mark_unreachable
-from policies.replicas import ReplicaState
-from policies.retry import RetryBudget, RetryPolicy
+from policies.admission import PoolClosed, QueueFull, QueueTimeout
+from policies.replicas import ReplicaLatency, ReplicaState
 
 log = logging.getLogger("orchgate")
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
-
-
-class PoolRuntime:
-    __slots__ = (
-        "canonical",
-        "config",
-        "health",
-        "id",
-        "processes",
-        "queue",
-        "replicas",
-        "retried",
-        "retry",
-        "upstream_model",
-        "variant",
-    )
-
-    def __init__(self, config: PoolConfig, variant: str = "default") -> None:
-        self.config = config
-        self.variant = variant  # which of the pool's settings runs: "default" or a variant id
-        self.id = config.id
-        self.canonical = config.models[0]
-        self.replicas = [ReplicaState(build_backend(r)) for r in config.replicas]
-        self.queue = AdmissionQueue(
-            self.replicas,
-            capacity=config.queue_capacity,
-            queue_timeout_s=config.queue_timeout_s,
-            unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
-        )
-        ejection = config.ejection
-        self.health = HealthMonitor(
-            self.replicas,
-            self.queue,
-            config.health_interval_s,
-            Ejector(
-                self.queue,
-                consecutive_failures=ejection.consecutive_failures,
-                cooldown_s=ejection.cooldown_s,
-                max_cooldown_s=ejection.max_cooldown_s,
-            ),
-        )
-        retry = config.retry
-        self.retry = RetryPolicy(
-            attempts=retry.attempts,
-            backoff_base_s=retry.backoff_base_s,
-            backoff_max_s=retry.backoff_max_s,
-            budget=RetryBudget(retry.budget_ratio, retry.budget_min, self.in_flight),
-        )
-        self.upstream_model = {r.id: r.upstream_model or self.canonical for r in config.replicas}
-        self.retried = 0  # retry attempts made, for GET /metrics
-        self.processes: list[ManagedProcess] = []
-
-    async def start(self, on_exit: Callable[[ReplicaState, int], None] | None = None) -> None:
-        """Open the replicas' clients, launch the managed ones, start health probes.
-        ``on_exit`` hears of a managed process that exits (a reload fails fast on it)."""
-        for replica in self.replicas:
-            await replica.backend.start()
-            argv = replica.backend.launch_argv
-            if argv is not None:
-                process = ManagedProcess(
-                    replica.replica_id, argv, on_exit=self._on_exit(replica, on_exit)
-                )
-                self.processes.append(process)
-                await process.start()
-        await self.health.start()
-
-    def _on_exit(
-        self, replica: ReplicaState, also: Callable[[ReplicaState, int], None] | None
-    ) -> Callable[[int], None]:
-        def on_exit(code: int) -> None:
-            mark_unreachable(replica, self.queue, f"managed process exited with {code}")
-            if also is not None:
-                also(replica, code)
-
-        return on_exit
-
-    async def stop(self) -> None:
-        await self.health.stop()
-        await asyncio.gather(*(process.stop() for process in self.processes))
-        for replica in self.replicas:
-            await replica.backend.aclose()
-
-    def idle(self) -> bool:
-        return self.queue.depth() == 0 and self.queue.in_use() == 0
-
-    def in_flight(self) -> int:
-        """Requests holding a slot or waiting for one."""
-        return self.queue.in_use() + self.queue.depth()
-
-    def has_free_replica(self, avoid: Collection[str]) -> bool:
-        return any(r.free_slots > 0 and r.replica_id not in avoid for r in self.replicas)
-
-    @property
-    def engine(self) -> str:
-        return self.replicas[0].engine
-
-
-class Hold:
-    """A pool swapping its model in place (``swap_strategy = "replace"``): requests wait
-    here, within the pool's queue capacity and queue timeout, instead of failing."""
-
-    __slots__ = ("released", "waiting")
-
-    def __init__(self) -> None:
-        self.released = asyncio.Event()
-        self.waiting = 0
 
 
 class GatewayState:
@@ -143,15 +34,15 @@ class GatewayState:
         self.retired_models: dict[str, float] = {}  # model id -> when it stopped being served
         self.holds: dict[str, Hold] = {}  # pools swapping in place (gateway.lifecycle)
         self.started_at = int(time.time())
-        self.tasks = TaskBook(config.tasks)
-        self.draining = False
-        self._grace_ends: float | None = None
         # extended metrics only: per-replica latency histograms
         self.latency: dict[str, ReplicaLatency] = (
             {r.replica_id: ReplicaLatency() for r in self.all_replicas()}
             if config.metrics.extended
             else {}
         )
+        self.tasks = TaskBook(config.tasks, latency=self.latency)
+        self.draining = False
+        self._grace_ends: float | None = None
         self.nvml: Nvml | None = None
         self._gpu_poller: asyncio.Task[None] | None = None
         self.reindex()
@@ -167,6 +58,34 @@ class GatewayState:
         ]
         self.models_body = models_list(objects)  # GET /v1/models
         self.model_bodies = {o["id"]: encoder.encode(o) for o in objects}  # /v1/models/{id}
+
+    def default_model(self) -> str:
+        """What a request without ``model`` gets: ``server.default_model``, else the only
+        pool's canonical model (as a single llama-server serves whatever it is asked)."""
+        configured = self.config.server.default_model
+        if configured is not None:
+            return configured
+        if len(self.pools) == 1:
+            return next(iter(self.pools.values())).config.models[0]
+        raise InvalidRequest(
+            "missing required field 'model' (this gateway serves several pools and has no "
+            "server.default_model)",
+            param="model",
+        )
+
+    def pool_for(self, model: str) -> PoolRuntime:
+        pool_id = self.models.pool_for(model)
+        if pool_id is None:
+            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+        return self.pools[pool_id]
+
+    def worker_pool(self) -> PoolRuntime:
+        """The first pool of ``openvino`` workers: the only engine with the job routes.
+        (An NPU pool is never a fallback for another pool; this is the reverse lookup.)"""
+        for pool in self.pools.values():
+            if pool.engine == "openvino":
+                return pool
+        raise EndpointNotServed("no openvino worker pool is configured for /v1/worker routes")
 
     async def settled(self, pool: PoolRuntime) -> PoolRuntime:
         """The pool that serves ``pool.id`` once no in-place swap holds it. The data plane

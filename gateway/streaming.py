@@ -10,14 +10,21 @@ re-framed). ``data:`` is read with or without its space. The relay also:
   retried elsewhere (:meth:`SseReader.first`);
 * translates llama.cpp's non-standard ``error:`` SSE field, which OpenAI clients silently
   drop, into ``data: {"error": ...}``;
-* ends a stream that failed or stopped without ``[DONE]`` with an in-band error event and
-  ``data: [DONE]`` -- never a silent truncation.
+* ends a stream that failed or stopped before its end with an in-band error event in the
+  surface's own words -- never a silent truncation.
+
+How a stream ends, fails and reports usage differs per surface: a :class:`Dialect` says it.
+OpenAI's chat and completions end in ``data: [DONE]``; the Responses API ends with a
+``response.completed`` (``incomplete``, ``failed``) event and Anthropic's messages with
+``message_stop``, neither with ``[DONE]``. Engine-native streams (llama-server's
+``/completion``) and audio are relayed as raw bytes (:class:`RawReader`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import msgspec
 
@@ -29,7 +36,7 @@ from backends.errors import (
     BackendTimeout,
     openai_error_body,
 )
-from gateway.wire import Usage, usage_of
+from gateway.wire import Usage, usage_of, with_timings
 
 DONE = b"data: [DONE]\n\n"
 
@@ -130,13 +137,13 @@ class StreamStats:
         self.failed: str | None = None
         self.usage: Usage | None = None  # the engine's count, when it sent one
 
-    def tokens(self) -> tuple[int, int]:
-        """``(in, out)``: the engine's usage, or for a stream cut before it, the relayed
-        events less the role and finish chunks (one event per token on vLLM and llama.cpp)
-        and no prompt count."""
+    def tokens(self, *, estimate: bool = True) -> tuple[int, int]:
+        """``(in, out)``: the engine's usage, or for an OpenAI stream cut before it
+        (``estimate``), the relayed events less the role and finish chunks (one event per
+        token on vLLM and llama.cpp) and no prompt count."""
         if self.usage is not None:
-            return self.usage.prompt_tokens, self.usage.completion_tokens
-        return 0, max(0, self.events - 2 - self.done)
+            return self.usage.tokens()
+        return 0, max(0, self.events - 2 - self.done) if estimate else 0
 
 
 def error_event(message: str, *, type_: str = "server_error", code: str | None = None) -> bytes:
@@ -176,24 +183,175 @@ def _opening_error(first: bytes) -> BackendFailed | None:
     )
 
 
+class Dialect:
+    """The OpenAI stream (chat, completions): ends with ``data: [DONE]``; the usage chunk
+    (``choices: []``) is read and, when the gateway asked for it, hidden."""
+
+    __slots__ = ()
+    estimates_tokens = True  # one event per token: a count survives a cut stream
+    truncated = "upstream ended the stream without [DONE]"
+
+    def inspect(self, reader: SseReader, events: bytes) -> bytes:
+        if b'"usage"' in events:  # the last chunk or two (and "usage":null on some engines)
+            events = reader.take_usage(events)
+        if has_done(events):
+            reader.stats.done = True
+        return events
+
+    def failure(self, message: str, code: str) -> tuple[bytes, ...]:
+        """What ends a stream that failed after its first byte."""
+        return error_event(message, code=code), DONE
+
+    def opening_error(self, first: bytes) -> BackendFailed | None:
+        return _opening_error(first)
+
+
+class _TypedEvent(msgspec.Struct):
+    type: str = ""
+    usage: Usage | None = None
+
+
+class _ResponseBody(msgspec.Struct):
+    usage: Usage | None = None
+
+
+class _MessageBody(msgspec.Struct):
+    usage: Usage | None = None
+
+
+class _ResponsesEvent(_TypedEvent):
+    response: _ResponseBody | None = None
+
+
+class _MessagesEvent(_TypedEvent):
+    message: _MessageBody | None = None
+
+
+_responses_decoder = msgspec.json.Decoder(_ResponsesEvent)
+_messages_decoder = msgspec.json.Decoder(_MessagesEvent)
+
+
+def _typed_events(events: bytes, needles: tuple[bytes, ...]) -> Iterator[bytes]:
+    """The data of each event that mentions one of ``needles`` (the rest is not decoded)."""
+    for event in split_events(events):
+        if any(needle in event for needle in needles):
+            data = event_data(event)
+            if data is not None and data.lstrip().startswith(b"{"):
+                yield data
+
+
+class ResponsesDialect(Dialect):
+    """OpenAI's Responses API: typed events; the stream ends with ``response.completed``,
+    ``response.incomplete``, ``response.failed`` or ``error``; usage rides on the final
+    ``response`` object (``input_tokens``/``output_tokens``)."""
+
+    __slots__ = ()
+    estimates_tokens = False
+    truncated = "upstream ended the stream before response.completed"
+    _ENDS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+    _NEEDLES = (b"response.completed", b"response.incomplete", b"response.failed", b"error")
+
+    def inspect(self, reader: SseReader, events: bytes) -> bytes:
+        for data in _typed_events(events, self._NEEDLES):
+            try:
+                event = _responses_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if event.type in self._ENDS:
+                reader.stats.done = True
+                if event.response is not None and event.response.usage is not None:
+                    reader.stats.usage = event.response.usage
+        return events
+
+    def failure(self, message: str, code: str) -> tuple[bytes, ...]:
+        body = {"type": "error", "code": code, "message": message, "param": None}
+        return (b"event: error\ndata: " + _encoder.encode(body) + b"\n\n",)
+
+    def opening_error(self, first: bytes) -> BackendFailed | None:
+        return _typed_opening_error(first, _responses_decoder)
+
+
+class MessagesDialect(Dialect):
+    """Anthropic's messages: ends with ``message_stop`` (or ``error``); input tokens come in
+    ``message_start``, the output count (cumulative) in each ``message_delta``."""
+
+    __slots__ = ()
+    estimates_tokens = False
+    truncated = "upstream ended the stream before message_stop"
+    _NEEDLES = (b"message_start", b"message_delta", b"message_stop", b"error")
+
+    def inspect(self, reader: SseReader, events: bytes) -> bytes:
+        stats = reader.stats
+        for data in _typed_events(events, self._NEEDLES):
+            try:
+                event = _messages_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if event.type in ("message_stop", "error"):
+                stats.done = True
+            elif event.type == "message_start" and event.message is not None:
+                stats.usage = event.message.usage
+            elif event.type == "message_delta" and event.usage is not None:
+                tokens_in = stats.usage.tokens()[0] if stats.usage is not None else 0
+                stats.usage = Usage(prompt_tokens=tokens_in, output_tokens=event.usage.tokens()[1])
+        return events
+
+    def failure(self, message: str, code: str) -> tuple[bytes, ...]:
+        body = {"type": "error", "error": {"type": "api_error", "message": message, "code": code}}
+        return (b"event: error\ndata: " + _encoder.encode(body) + b"\n\n",)
+
+    def opening_error(self, first: bytes) -> BackendFailed | None:
+        return _typed_opening_error(first, _messages_decoder)
+
+
+def _typed_opening_error(first: bytes, decoder: msgspec.json.Decoder[Any]) -> BackendFailed | None:
+    """A typed-event stream whose first event is ``error``."""
+    if b"error" not in first:
+        return None
+    data = event_data(next(split_events(first), b""))
+    if data is None:
+        return None
+    try:
+        event = decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if event.type != "error":
+        return None
+    return BackendFailed(
+        "upstream stream opened with an error event",
+        body=openai_error_body(502, data),
+        answered=True,
+    )
+
+
+OPENAI = Dialect()
+RESPONSES = ResponsesDialect()
+MESSAGES = MessagesDialect()
+
+
 class SseReader:
     """Cuts an upstream byte stream into whole-event batches: ``first()`` once (still
     retryable), then ``rest()`` for everything after it."""
 
-    __slots__ = ("_batches", "_buffer", "_chunks", "_hide_usage", "stats")
+    __slots__ = ("_batches", "_buffer", "_chunks", "_dialect", "_hide_usage", "stats")
 
-    def __init__(self, upstream: UpstreamResponse, *, hide_usage: bool = False) -> None:
+    def __init__(
+        self, upstream: UpstreamResponse, *, hide_usage: bool = False, dialect: Dialect = OPENAI
+    ) -> None:
         self._chunks = upstream.chunks()
         self._buffer = b""
         self._hide_usage = hide_usage  # the gateway asked for usage, the client did not
+        self._dialect = dialect
         self.stats = StreamStats()
         self._batches = self._cut()
 
-    def _take_usage(self, events: bytes) -> bytes:
+    @property
+    def estimates_tokens(self) -> bool:
+        return self._dialect.estimates_tokens
+
+    def take_usage(self, events: bytes) -> bytes:
         """Read the engine's usage by decoding each event that mentions it (any JSON
         spacing, any framing); drop the usage-only chunk the gateway asked for itself."""
-        kept: list[bytes] = []
-        cut_from = 0  # events[cut_from:] not yet copied into ``kept``
         for start, end, after in event_spans(events):
             event = events[start:end]
             if b'"usage"' not in event or b'"usage":null' in event:
@@ -204,25 +362,16 @@ class SseReader:
             usage, usage_only = usage_of(data)
             if usage is not None:
                 self.stats.usage = usage
-                if usage_only and self._hide_usage:  # rare: once per stream at most
+                if usage_only and self._hide_usage:  # once per stream at most
                     self.stats.events -= 1
-                    kept.append(events[cut_from:start])
-                    cut_from = after
-        if not kept:
-            return events
-        kept.append(events[cut_from:])
-        return b"".join(kept)
+                    return _without_usage_chunk(events, start, after, data)
+        return events
 
     def _inspect(self, events: bytes) -> bytes:
-        stats = self.stats
-        stats.events += count_events(events)
+        self.stats.events += count_events(events)
         if b"error:" in events and (events.startswith(b"error:") or b"\nerror:" in events):
             events = _translate_error_fields(events)
-        if b'"usage"' in events:  # the last chunk or two (and "usage":null on some engines)
-            events = self._take_usage(events)
-        if has_done(events):
-            stats.done = True
-        return events
+        return self._dialect.inspect(self, events)
 
     async def _cut(self) -> AsyncIterator[bytes]:
         """Whole events as they complete; at EOF, what is left is flushed (an unterminated
@@ -255,26 +404,83 @@ class SseReader:
             first = await anext(self._batches)
         except StopAsyncIteration:
             raise BackendFailed("upstream closed the stream before the first event") from None
-        error = _opening_error(first)
+        error = self._dialect.opening_error(first)
         if error is not None:
             raise error
         return first
 
     async def rest(self) -> AsyncIterator[bytes]:
-        """Everything after ``first()``, ending in ``[DONE]`` even when the upstream fails."""
+        """Everything after ``first()``, properly ended even when the upstream fails."""
         stats = self.stats
         try:
             async for batch in self._batches:
                 yield batch
         except BackendError as exc:
-            if stats.done:  # the stream was complete; what followed [DONE] does not matter
+            if stats.done:  # the stream was complete; what followed its end does not matter
                 return
             code = _code_for(exc)
             stats.failed = code
-            yield error_event(f"upstream failed mid-stream: {exc.message}", code=code)
-            yield DONE
+            for piece in self._dialect.failure(f"upstream failed mid-stream: {exc.message}", code):
+                yield piece
             return
         if not stats.done:
             stats.failed = CODE_TRUNCATED
-            yield error_event("upstream ended the stream without [DONE]", code=CODE_TRUNCATED)
-            yield DONE
+            for piece in self._dialect.failure(self._dialect.truncated, CODE_TRUNCATED):
+                yield piece
+
+    def failure(self, message: str) -> bytes:
+        """What the relay sends when it fails itself (a gateway bug) mid-stream."""
+        return b"".join(self._dialect.failure(message, "internal_error"))
+
+
+def _without_usage_chunk(events: bytes, start: int, after: int, data: bytes) -> bytes:
+    """``events`` less the hidden usage chunk at ``[start:after]``. llama-server puts its
+    ``timings`` on that chunk when usage is asked for (on the finish chunk otherwise), so
+    they move to the chunk before it when that one is in the same batch -- where the
+    client would have found them had the gateway not asked (in practice always: the engine
+    writes both at once)."""
+    head, tail = events[:start], events[after:]
+    if b'"timings"' not in data or not head:
+        return head + tail
+    spans = list(event_spans(head))
+    if not spans:
+        return head + tail
+    prev_start, prev_end, _ = spans[-1]
+    patched = with_timings(event_data(head[prev_start:prev_end]), data)
+    if patched is None:
+        return head + tail
+    return head[:prev_start] + b"data: " + patched + head[prev_end:] + tail
+
+
+class RawReader:
+    """An engine-native or binary body relayed chunk for chunk as it arrives (llama-server's
+    ``/completion`` stream, audio): no events to cut, no end marker to expect, nothing
+    appended -- a failure after the first byte can only end the body early."""
+
+    __slots__ = ("_chunks", "estimates_tokens", "stats")
+
+    def __init__(self, upstream: UpstreamResponse) -> None:
+        self._chunks = upstream.chunks()
+        self.stats = StreamStats()
+        self.estimates_tokens = False
+
+    async def first(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return b""  # an empty body is a body
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except BackendError as exc:
+            self.stats.failed = _code_for(exc)
+            return
+        self.stats.done = True
+
+    def failure(self, message: str) -> bytes:
+        return b""
+
+
+Reader = SseReader | RawReader

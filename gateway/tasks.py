@@ -33,13 +33,22 @@ from backends.errors import (
     BackendTimeout,
 )
 from gateway.config import TasksConfig
-from gateway.dispatch import Committed, dispatch
+from gateway.exchange import Exchange
 from gateway.logging import AccessLog, TaskRecord
-from gateway.streaming import CODE_SHUTDOWN, CODE_TIMEOUT, event_data, split_events
+from gateway.streaming import (
+    CODE_SHUTDOWN,
+    CODE_TIMEOUT,
+    Reader,
+    SseReader,
+    event_data,
+    split_events,
+)
 from policies.admission import AdmissionError, Priority, Ticket
 
 if TYPE_CHECKING:
-    from gateway.state import PoolRuntime
+    from backends.base import UpstreamResponse
+    from gateway.pools import PoolRuntime
+    from policies.replicas import ReplicaLatency
 
 _encoder = msgspec.json.Encoder()
 # \Z, not $: "$" also matches before a final newline, and a task id becomes an upstream
@@ -308,14 +317,24 @@ def _error_code(error: BackendError) -> tuple[str, bool]:
     return "INTERNAL", False
 
 
+def _open_reader(upstream: UpstreamResponse) -> Reader:
+    return SseReader(upstream, hide_usage=True)  # tasks relay text, never usage chunks
+
+
 class TaskBook:
     """All tasks, by id. Finished tasks are kept for ``retention_s``, at most
     ``max_finished`` of them and at most ``max_finished_bytes`` of event logs together
     (oldest first out), so memory stays bounded under any load."""
 
-    def __init__(self, config: TasksConfig, log: AccessLog | None = None) -> None:
+    def __init__(
+        self,
+        config: TasksConfig,
+        log: AccessLog | None = None,
+        latency: dict[str, ReplicaLatency] | None = None,
+    ) -> None:
         self.config = config
         self.log = log  # one line per finished task
+        self.latency = {} if latency is None else latency  # [metrics] extended
         self._tasks: dict[str, Task] = {}
         self._finished: OrderedDict[str, tuple[float, int]] = OrderedDict()  # when, bytes
         self._finished_bytes = 0
@@ -409,8 +428,13 @@ class TaskBook:
             )
             return UpstreamCall(endpoint, body, True, task.id, hide_usage=True)
 
-        committed: Committed = await dispatch(pool, task.priority, make_call, ticket=task.ticket)
+        ex = Exchange(task.id, self.latency)
         try:
+            committed = await ex.open(
+                pool, task.priority, make_call, open_reader=_open_reader, ticket=task.ticket
+            )
+            ex.first_byte = time.perf_counter()
+            task.replica_id = ex.replica
             task.start()
             reader = committed.reader
             assert reader is not None
@@ -420,13 +444,13 @@ class TaskBook:
                     break
             task.end()
         finally:
-            usage = committed.reader.stats.usage if committed.reader else None
-            replica = committed.lease.replica
-            task.replica_id = replica.replica_id
-            task.tokens_in = usage.prompt_tokens if usage is not None else None
-            # out: what the task's client received
-            replica.add_tokens(task.tokens_in or 0, task.tokens_out)
-            await committed.aclose()
+            if ex.committed is not None:
+                reader = ex.committed.reader
+                usage = reader.stats.usage if reader is not None else None
+                task.tokens_in = usage.tokens()[0] if usage is not None else None
+                # out: what the task's client received
+                ex.count_tokens(task.tokens_in or 0, task.tokens_out)
+            await ex.close()
 
     @staticmethod
     def _consume(task: Task, batch: bytes) -> bool:

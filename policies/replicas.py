@@ -9,6 +9,7 @@ the one event loop, so no lock is needed; nothing here awaits.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from typing import Any, NamedTuple
 
@@ -106,3 +107,39 @@ class ReplicaState:
     @property
     def free_slots(self) -> int:
         return self.slots - self.in_use if self.ready else 0
+
+
+# seconds: from a fast local replica's TTFT to a long generation
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Histogram:
+    """A fixed-bucket histogram that costs one bisect per observation."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+class ReplicaLatency:
+    """Extended metrics only: time to first byte and whole-request duration."""
+
+    __slots__ = ("duration", "ttft")
+
+    def __init__(self) -> None:
+        self.ttft = Histogram()
+        self.duration = Histogram()

@@ -291,7 +291,7 @@ async def test_the_fit_check_counts_what_a_replace_swap_gives_back() -> None:
     from gateway.config import config_from_mapping
     from gateway.lifecycle.preflight import InsufficientMemory, check_fit
     from gateway.lifecycle.transition import Change
-    from gateway.state import PoolRuntime
+    from gateway.pools import PoolRuntime
 
     replica = {
         "id": "g0", "engine": "llamacpp", "url": "http://127.0.0.1:9", "gpu_device": 0,

@@ -6,25 +6,46 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from backends.base import Endpoint
 from backends.errors import error_from_status, openai_error_body
 from gateway.errors import InvalidJson, InvalidRequest
 from gateway.streaming import SseReader
-from gateway.wire import parse_routing_view, with_model
+from gateway.wire import Multipart, parse_routing_view, require, with_model
 
 
 def test_routing_view_reads_only_what_it_needs() -> None:
     view = parse_routing_view(
-        b'{"model":"m","messages":[{"a":1}],"stream":true,"tools":[{"deep":{"er":[1,2,3]}}]}',
-        Endpoint.CHAT,
+        b'{"model":"m","messages":[{"a":1}],"stream":true,"tools":[{"deep":{"er":[1,2,3]}}]}'
     )
     assert view.model == "m" and view.stream is True
+    require(view, ("messages",), ("messages",))
     with pytest.raises(InvalidJson):
-        parse_routing_view(b"{", Endpoint.CHAT)
+        parse_routing_view(b"{")
     with pytest.raises(InvalidRequest, match="'prompt'"):
-        parse_routing_view(b'{"model":"m"}', Endpoint.COMPLETIONS)
+        require(parse_routing_view(b'{"model":"m"}'), ("prompt",))
     with pytest.raises(InvalidRequest, match="'input'"):
-        parse_routing_view(b'{"model":"m","input":null}', Endpoint.EMBEDDINGS)
+        require(parse_routing_view(b'{"model":"m","input":null}'), ("input",))
+    with pytest.raises(InvalidRequest, match="'documents' must be an array"):
+        view = parse_routing_view(b'{"query":"q","documents":"d"}')
+        require(view, ("query", "documents"), ("documents",))
+
+
+def test_multipart_fields_are_found_without_copying_the_file() -> None:
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\nRIFF\x00\x01--xy\r\n"
+        b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+        b"--xyz--\r\n"
+    )
+    form = Multipart(body, b'multipart/form-data; boundary="xyz"')
+    assert form.files == {"file"} and form.text("model") == "whisper"
+    renamed = form.replaced(body, "model", "whisper-large")
+    assert Multipart(renamed, b"multipart/form-data; boundary=xyz").text("model") == (
+        "whisper-large"
+    )
+    with pytest.raises(InvalidRequest, match="truncated"):
+        Multipart(body[:60], b"multipart/form-data; boundary=xyz")
+    with pytest.raises(InvalidRequest, match="boundary"):
+        Multipart(body, b"multipart/form-data")
 
 
 def test_with_model_keeps_every_other_field() -> None:

@@ -44,7 +44,8 @@ from gateway.lifecycle.transition import (
     retire,
     switch,
 )
-from gateway.state import GatewayState, PoolRuntime
+from gateway.pools import PoolRuntime
+from gateway.state import GatewayState
 from gateway.webhooks import Webhooks
 from policies.reservation import Locked, ReservationBook
 

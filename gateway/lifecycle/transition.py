@@ -13,10 +13,10 @@ import msgspec
 from backends.base import Endpoint, Limits, UpstreamCall
 from backends.errors import BackendError, BackendRejected
 from gateway.config import Config, PoolConfig
-from gateway.metrics import ReplicaLatency
-from gateway.state import GatewayState, Hold, PoolRuntime
+from gateway.pools import Hold, PoolRuntime
+from gateway.state import GatewayState
 from policies.admission import PoolClosed
-from policies.replicas import Counters, ReplicaState
+from policies.replicas import Counters, ReplicaLatency, ReplicaState
 
 log = logging.getLogger("orchgate.lifecycle")
 

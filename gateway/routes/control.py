@@ -21,7 +21,8 @@ from gateway.errors import NotFound
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import MEDIA_TYPE as METRICS_MEDIA_TYPE
 from gateway.metrics import Metrics
-from gateway.state import GatewayState, PoolRuntime
+from gateway.pools import PoolRuntime
+from gateway.state import GatewayState
 from policies.admission import Priority
 from policies.replicas import ReplicaState
 

@@ -1,8 +1,12 @@
-"""The OpenAI data plane: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+"""The data plane: the OpenAI routes, Anthropic's messages, the engines' tokenizer and
+rerank routes, audio, the OpenVINO worker's jobs, ``/v1/models`` and the engine-native
+passthrough ``/upstream/{model}/...``.
 
 Raw ASGI handlers on the hot path: the body is read once, only the routing fields are
-decoded (``gateway.wire``), and upstream bytes go back untouched. Errors before the first
-byte are OpenAI envelopes with the right status; after it, in-band SSE errors.
+decoded (``gateway.wire``), and upstream bytes go back untouched. Which fields a route
+needs and how its stream ends is ``gateway.endpoints``; the request's life from pool to
+slot is ``gateway.exchange``. Errors before the first byte are envelopes of the route's
+surface with the right status; after it, in-band errors in the stream's own dialect.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from backends.base import WORKER_ENDPOINTS, Endpoint, UpstreamCall
+from backends.base import Endpoint, UpstreamCall, UpstreamResponse
 from backends.errors import BackendError, BackendOverloaded
 from gateway.asgi import (
     ClientDisconnected,
@@ -25,10 +29,10 @@ from gateway.asgi import (
     header,
     read_body,
     send_bytes,
-    send_error,
 )
 from gateway.auth import TokenCheck
-from gateway.dispatch import Committed, dispatch
+from gateway.dispatch import Committed
+from gateway.endpoints import Body, Relay, Route, Surface
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -36,22 +40,26 @@ from gateway.errors import (
     MethodNotAllowed,
     ModelNotFound,
     NotFound,
-    PoolUnavailable,
-    QueueFullError,
+    anthropic_envelope,
     backend_error_status,
     backoff_headers,
 )
-from gateway.logging import AccessLog, AccessRecord
-from gateway.state import GatewayState, PoolRuntime
-from gateway.streaming import DONE, error_event
+from gateway.exchange import Exchange, check_serves
+from gateway.logging import AccessLog
+from gateway.pools import PoolRuntime
+from gateway.state import GatewayState
+from gateway.streaming import RawReader, Reader, SseReader
 from gateway.wire import (
+    Multipart,
     RoutingView,
+    encoder,
     parse_routing_view,
+    require,
     usage_of,
     with_model,
     with_stream_usage,
 )
-from policies.admission import AdmissionError, Priority, QueueFull
+from policies.admission import Priority
 from policies.retry import RETRY_COUNT_HEADER, client_retry_count
 
 log = logging.getLogger("orchgate")
@@ -71,6 +79,8 @@ _id_counter = itertools.count(1)
 
 _ALLOW_GET = {"Allow": "GET, HEAD"}
 _ALLOW_POST = {"Allow": "POST"}
+_ALLOW_BOTH = {"Allow": "GET, HEAD, POST"}
+UPSTREAM_PREFIX = "/upstream/"
 
 
 def request_id(scope: dict[str, Any]) -> str:
@@ -95,13 +105,6 @@ def parse_priority(value: bytes | None) -> Priority:
     return priority
 
 
-def admission_error(error: AdmissionError) -> GatewayError:
-    headers = backoff_headers(error.retry_after_s)
-    if isinstance(error, QueueFull):
-        return QueueFullError(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
-    return PoolUnavailable(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
-
-
 def call_factory(
     pool: PoolRuntime,
     endpoint: Endpoint,
@@ -110,29 +113,31 @@ def call_factory(
     stream: bool,
     rid: str,
     hide_usage: bool = False,
+    *,
+    rename: Callable[[bytes, str], bytes] = with_model,
+    content_type: bytes | None = None,
+    path: str | None = None,
 ) -> Callable[[str], UpstreamCall]:
     """Builds the call for whichever replica placement picks: the body goes as it is,
-    unless that replica knows the model under another name (an alias was used).
-    ``model=None``: the body names no model (the worker's job routes)."""
+    unless that replica knows the model under another name (an alias was used; ``rename``
+    rewrites it). ``model=None``: the body names no model (the worker's job routes)."""
     patched: dict[str, bytes] = {}
 
     def make_call(replica_id: str) -> UpstreamCall:
         target = pool.upstream_model[replica_id]
         payload = body
         if model is not None and target != model:
-            payload = patched.get(target) or patched.setdefault(target, with_model(body, target))
-        return UpstreamCall(endpoint, payload, stream, rid, hide_usage)
+            payload = patched.get(target) or patched.setdefault(target, rename(body, target))
+        return UpstreamCall(endpoint, payload, stream, rid, hide_usage, content_type, path)
 
     return make_call
 
 
-def _check_max_tokens(view: RoutingView, limit: int) -> None:
+def _check_budgets(view: RoutingView, fields: tuple[str, ...], limit: int) -> None:
     """Absurd budgets are refused here, as OpenAI does, rather than queued (llama.cpp reads
     some of them as "generate until the context is full")."""
-    for field, value in (
-        ("max_tokens", view.max_tokens),
-        ("max_completion_tokens", view.max_completion_tokens),
-    ):
+    for field in fields:
+        value = getattr(view, field)
         if value is not None and value > limit:
             raise InvalidRequest(
                 f"{field} is {value}, above this model's context of {limit} tokens",
@@ -140,54 +145,60 @@ def _check_max_tokens(view: RoutingView, limit: int) -> None:
             )
 
 
-class _Exchange:
-    """Per-request state: what must be closed, and what the access log records."""
+class _Plan:
+    """What ``_prepare`` decided: where the request goes and how its answer comes back."""
 
-    __slots__ = (
-        "attempts",
-        "committed",
-        "engine",
-        "error",
-        "events",
-        "first_byte",
-        "pool",
-        "replica",
-        "status",
-        "tokens_in",
-        "tokens_out",
-        "watch",
-    )
+    __slots__ = ("make_call", "open_reader", "pool", "priority", "relay")
 
-    def __init__(self) -> None:
-        self.watch: DisconnectWatch | None = None
-        self.committed: Committed | None = None
-        self.status = 500
-        self.pool: str | None = None
-        self.replica: str | None = None
-        self.engine: str | None = None
-        self.attempts: int | None = None
-        self.first_byte: float | None = None
-        self.events: int | None = None
-        self.error: str | None = None
-        self.tokens_in: int | None = None
-        self.tokens_out: int | None = None
+    def __init__(
+        self,
+        pool: PoolRuntime,
+        priority: Priority,
+        make_call: Callable[[str], UpstreamCall],
+        relay: Relay = Relay.WHOLE,
+        open_reader: Callable[[UpstreamResponse], Reader] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.priority = priority
+        self.make_call = make_call
+        self.relay = relay
+        self.open_reader = open_reader
 
-    async def close(self) -> None:
-        """Stop watching the client, count the tokens, free the upstream and the slot."""
-        if self.watch is not None:
-            self.watch.close()
-        if self.committed is not None:
-            reader = self.committed.reader
-            if reader is not None:  # streams: also those cut short
-                self.count_tokens(*reader.stats.tokens())
-                if reader.stats.failed:
-                    self.committed.lease.replica.errors[reader.stats.failed] += 1
-            await self.committed.aclose()
 
-    def count_tokens(self, tokens_in: int, tokens_out: int) -> None:
-        self.tokens_in, self.tokens_out = tokens_in, tokens_out
-        assert self.committed is not None
-        self.committed.lease.replica.add_tokens(tokens_in, tokens_out)
+def _plan(
+    route: Route,
+    view: RoutingView,
+    body: bytes,
+    model: str,
+    pool: PoolRuntime,
+    priority: Priority,
+    rid: str,
+) -> _Plan:
+    """How a JSON request goes to ``pool`` and how its answer comes back."""
+    endpoint = route.endpoint
+    if endpoint in pool.native_endpoints:  # the engine's own shape, relayed as it comes
+        stream = bool(view.stream) and route.dialect is not None
+        make_call = call_factory(pool, endpoint, body, model, stream, rid)
+        if stream:
+            return _Plan(pool, priority, make_call, Relay.RAW, RawReader)
+        return _Plan(pool, priority, make_call)
+    require(view, route.required, route.arrays)
+    _check_budgets(view, route.budgets, pool.config.max_context_tokens)
+    if route.always_raw:  # audio: the body as it comes, whatever it is
+        make_call = call_factory(pool, endpoint, body, model, False, rid)
+        return _Plan(pool, priority, make_call, Relay.RAW, RawReader)
+    dialect = route.dialect
+    if dialect is None or not view.stream:
+        return _Plan(pool, priority, call_factory(pool, endpoint, body, model, False, rid))
+    hide_usage = route.asks_usage and not view.stream_options  # absent or null
+    if hide_usage:  # token metrics must not depend on the client asking for usage
+        body = with_stream_usage(body, replace=view.stream_options is None)
+
+    def open_reader(upstream: UpstreamResponse) -> Reader:
+        return SseReader(upstream, hide_usage=hide_usage, dialect=dialect)
+
+    make_call = call_factory(pool, endpoint, body, model, True, rid, hide_usage)
+    return _Plan(pool, priority, make_call, Relay.EVENTS, open_reader)
 
 
 class OpenAIProxy:
@@ -196,35 +207,6 @@ class OpenAIProxy:
         self.auth = auth
         self.log = access_log
         self.max_body = state.config.server.max_body_bytes
-        self.latency = state.latency
-
-    def worker_pool(self) -> PoolRuntime:
-        """The first pool of ``openvino`` workers: the only engine with the job routes.
-        (An NPU pool is never a fallback for another pool; this is the reverse lookup.)"""
-        for pool in self.state.pools.values():
-            if pool.engine == "openvino":
-                return pool
-        raise NotFound("no openvino worker pool is configured for /v1/worker routes")
-
-    def default_model(self) -> str:
-        """What a request without ``model`` gets: ``server.default_model``, else the only
-        pool's canonical model."""
-        configured = self.state.config.server.default_model
-        if configured is not None:
-            return configured
-        if len(self.state.pools) == 1:
-            return next(iter(self.state.pools.values())).config.models[0]
-        raise InvalidRequest(
-            "missing required field 'model' (this gateway serves several pools and has no "
-            "server.default_model)",
-            param="model",
-        )
-
-    def pool_for(self, model: str) -> PoolRuntime:
-        pool_id = self.state.models.pool_for(model)
-        if pool_id is None:
-            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
-        return self.state.pools[pool_id]
 
     # -- GET /v1/models ------------------------------------------------------------------
     async def models(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -242,25 +224,37 @@ class OpenAIProxy:
             if body is None:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="model")
         except GatewayError as error:
-            await send_error(send, error, headers)
+            await _send_error(send, Surface.OPENAI, error, headers)
             return
         await send_bytes(send, 200, body, headers)
 
-    # -- POST chat / completions / embeddings --------------------------------------------
-    async def proxy(
-        self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, send: Any
+    # -- every proxied route -------------------------------------------------------------
+    async def proxy(self, route: Route, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def serve(headers: Headers, ex: Exchange) -> None:
+            plan = await self._prepare(route, scope, receive, ex.rid, ex)
+            await self._relay(plan, scope, receive, send, headers, ex)
+
+        await self._serve(route.surface, scope, send, serve)
+
+    async def _serve(
+        self,
+        surface: Surface,
+        scope: dict[str, Any],
+        send: Any,
+        serve: Callable[[Headers, Exchange], Awaitable[None]],
     ) -> None:
-        started = time.perf_counter()
+        """Run ``serve`` as one exchange: every failure becomes the surface's answer (or an
+        in-band end), the exchange is closed and logged on every path."""
         rid = request_id(scope)
         headers: Headers = [(b"x-request-id", rid.encode())]
-        ex = _Exchange()
+        ex = Exchange(rid, self.state.latency)
         try:
-            await self._exchange(endpoint, scope, receive, send, headers, rid, ex)
+            await serve(headers, ex)
         except GatewayError as error:
             ex.status, ex.error = error.status, error.code
-            await send_error(send, error, headers)
+            await _send_error(send, surface, error, headers)
         except BackendError as error:
-            await self._send_backend_error(send, error, headers, ex)
+            await _send_backend_error(send, surface, error, headers, ex)
         except ClientDisconnected:
             ex.status, ex.error = 499, "client_disconnected"
         except asyncio.CancelledError:
@@ -271,180 +265,253 @@ class OpenAIProxy:
             log.exception("unhandled error on %s", scope["path"])
             ex.status, ex.error = 500, "internal_error"
             if ex.first_byte is None:
-                await send_error(send, InternalError("internal gateway error"), headers)
+                await _send_error(send, surface, InternalError("internal gateway error"), headers)
         finally:
             await ex.close()
-            if self.latency and ex.replica is not None:  # [metrics] extended
-                self._observe(ex, started)
-            self._log(scope, rid, ex, started)
+            if self.log.enabled:
+                self.log.write(ex.record(scope))
 
-    async def _exchange(
+    def _authenticate(self, surface: Surface, scope: dict[str, Any]) -> None:
+        authorization = header(scope, b"authorization")
+        if authorization is None and surface is Surface.ANTHROPIC:
+            api_key = header(scope, b"x-api-key")  # how Anthropic's SDKs send the key
+            if api_key is not None:
+                authorization = b"Bearer " + api_key
+        self.auth.check(authorization)
+
+    async def _prepare(
+        self, route: Route, scope: dict[str, Any], receive: Any, rid: str, ex: Exchange
+    ) -> _Plan:
+        """Everything before admission: method, auth, body, routing fields, pool, whether
+        the pool serves the route, budgets, and how the answer will be relayed."""
+        if scope["method"] != "POST":
+            raise MethodNotAllowed("use POST for this route", headers=_ALLOW_POST)
+        self._authenticate(route.surface, scope)
+        body = await read_body(scope, receive, self.max_body)
+        priority = parse_priority(header(scope, b"x-priority"))
+        endpoint = route.endpoint
+        if not route.routed:  # the worker's jobs name no model
+            pool = await ex.route(self.state.worker_pool(), self.state)
+            return _Plan(pool, priority, call_factory(pool, endpoint, body, None, False, rid))
+        if route.body is Body.MULTIPART:
+            return await self._prepare_upload(route, scope, body, priority, rid, ex)
+        view = parse_routing_view(body)
+        model = view.model
+        if model is None:  # as a single llama-server serves it: the default model
+            model = self.state.default_model()
+            body = with_model(body, model)
+        pool = await ex.route(self.state.pool_for(model), self.state)
+        check_serves(pool, endpoint, scope["path"])
+        return _plan(route, view, body, model, pool, priority, rid)
+
+    async def _prepare_upload(
         self,
-        endpoint: Endpoint,
+        route: Route,
+        scope: dict[str, Any],
+        body: bytes,
+        priority: Priority,
+        rid: str,
+        ex: Exchange,
+    ) -> _Plan:
+        """A multipart upload (audio transcription): ``model`` is a form field."""
+        content_type = header(scope, b"content-type")
+        form = Multipart(body, content_type)
+        for field in route.required:
+            if field not in form.files and field not in form.fields:
+                raise InvalidRequest(f"missing required form field {field!r}", param=field)
+        model = form.text("model") or self.state.default_model()
+        pool = await ex.route(self.state.pool_for(model), self.state)
+        check_serves(pool, route.endpoint, scope["path"])
+        renamed = model if "model" in form.fields else None  # no field: nothing to rename
+
+        def rename(raw: bytes, target: str) -> bytes:
+            return form.replaced(raw, "model", target)
+
+        make_call = call_factory(
+            pool, route.endpoint, body, renamed, False, rid, rename=rename,
+            content_type=content_type,
+        )  # fmt: skip
+        return _Plan(pool, priority, make_call, Relay.RAW, RawReader)
+
+    async def _relay(
+        self,
+        plan: _Plan,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        headers: Headers,
+        ex: Exchange,
+    ) -> None:
+        watch = ex.watch = DisconnectWatch(receive)
+        committed = await ex.open(
+            plan.pool,
+            plan.priority,
+            plan.make_call,
+            open_reader=plan.open_reader,
+            client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
+        )
+        headers += [
+            (b"x-orchgate-replica", committed.lease.replica.replica_id.encode()),
+            (b"x-orchgate-attempts", str(committed.attempts).encode()),
+        ]
+        if plan.relay is Relay.WHOLE:
+            await _whole(committed, send, headers, watch, ex)
+        else:
+            await _relayed(committed, send, headers, watch, ex, events=plan.relay is Relay.EVENTS)
+
+    # -- /upstream/{model}/{route}: engine-native routes ---------------------------------
+    async def upstream(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """An engine's own route, reached explicitly and only from the adapter's list
+        (``native_routes``): llama-swap's ``/upstream/:model/...``. Introspection routes
+        need the admin token; GETs go to a ready replica without a slot, POSTs are
+        admitted, placed and retried like any request."""
+
+        async def serve(headers: Headers, ex: Exchange) -> None:
+            await self._upstream(scope, receive, send, headers, ex.rid, ex)
+
+        await self._serve(Surface.OPENAI, scope, send, serve)
+
+    def _native_target(self, path: str) -> tuple[PoolRuntime, str, str]:
+        """``(pool, engine route, access level)`` of ``/upstream/{model}{route}``; model
+        ids may hold slashes, so every split is tried."""
+        rest = path.removeprefix(UPSTREAM_PREFIX)
+        for cut in (i for i, char in enumerate(rest) if char == "/"):
+            model, native = rest[:cut], rest[cut:]
+            pool_id = self.state.models.pool_for(model)
+            if pool_id is None:
+                continue
+            pool = self.state.pools[pool_id]
+            level = pool.native_routes.get(native)
+            if level is None:
+                raise NotFound(
+                    f"{native} is not an engine route orchgate passes through for "
+                    f"{pool.engine}; these are: {', '.join(sorted(pool.native_routes)) or 'none'}"
+                )
+            return pool, native, level
+        raise ModelNotFound("no model of this gateway in that /upstream path", param="model")
+
+    async def _upstream(
+        self,
         scope: dict[str, Any],
         receive: Any,
         send: Any,
         headers: Headers,
         rid: str,
-        ex: _Exchange,
+        ex: Exchange,
     ) -> None:
-        pool, priority, make_call = await self._prepare(endpoint, scope, receive, rid, ex)
-        watch = ex.watch = DisconnectWatch(receive)
-        try:
-            committed = ex.committed = await dispatch(
-                pool,
-                priority,
-                make_call,
-                client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
-            )
-        except AdmissionError as error:
-            raise admission_error(error) from None
-        ex.replica = committed.lease.replica.replica_id
-        ex.attempts = committed.attempts
-        headers += [
-            (b"x-orchgate-replica", ex.replica.encode()),
-            (b"x-orchgate-attempts", str(committed.attempts).encode()),
-        ]
-        if committed.reader is not None:
-            await self._stream(committed, send, headers, watch, ex)
+        method = scope["method"]
+        if method not in ("GET", "HEAD", "POST"):
+            raise MethodNotAllowed("use GET or POST for engine routes", headers=_ALLOW_BOTH)
+        pool, native, level = self._native_target(scope["path"])
+        authorization = header(scope, b"authorization")
+        if level == "admin":
+            self.auth.check_admin(authorization)
         else:
-            await self._whole(committed, send, headers, watch, ex)
-
-    async def _prepare(
-        self, endpoint: Endpoint, scope: dict[str, Any], receive: Any, rid: str, ex: _Exchange
-    ) -> tuple[PoolRuntime, Priority, Callable[[str], UpstreamCall]]:
-        """Everything before admission: method, auth, body, routing fields, pool, priority."""
-        if scope["method"] != "POST":
-            raise MethodNotAllowed("use POST for this route", headers=_ALLOW_POST)
-        self.auth.check(header(scope, b"authorization"))
-        body = await read_body(scope, receive, self.max_body)
-        priority = parse_priority(header(scope, b"x-priority"))
-        if endpoint in WORKER_ENDPOINTS:
-            pool = self.worker_pool()
-            if self.state.holds:  # an in-place swap holds a pool (rare)
-                pool = await self._settled(pool)
-            ex.pool, ex.engine = pool.id, pool.engine
-            return pool, priority, call_factory(pool, endpoint, body, None, False, rid)
-        view = parse_routing_view(body, endpoint)
-        model = view.model
-        if model is None:  # as a single llama-server serves it: the default model
-            model = self.default_model()
-            body = with_model(body, model)
-        pool = self.pool_for(model)
-        if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
-            pool = await self._settled(pool)
-        _check_max_tokens(view, pool.config.max_context_tokens)
-        stream = bool(view.stream) and endpoint is not Endpoint.EMBEDDINGS
-        hide_usage = stream and not view.stream_options  # absent or null
-        if hide_usage:  # token metrics must not depend on the client asking for usage
-            body = with_stream_usage(body, replace=view.stream_options is None)
-        ex.pool, ex.engine = pool.id, pool.engine
-        return pool, priority, call_factory(pool, endpoint, body, model, stream, rid, hide_usage)
-
-    async def _settled(self, pool: PoolRuntime) -> PoolRuntime:
-        """``pool``, or what serves it once the in-place swap holding it is over."""
-        try:
-            return await self.state.settled(pool)
-        except AdmissionError as error:
-            raise admission_error(error) from None
-
-    async def _whole(
-        self,
-        committed: Committed,
-        send: Any,
-        headers: Headers,
-        watch: DisconnectWatch,
-        ex: _Exchange,
-    ) -> None:
-        body = await committed.upstream.read()
-        ex.first_byte = time.perf_counter()
-        watch.finish()
-        upstream = committed.upstream
-        await send_bytes(send, upstream.status, body, headers, upstream.content_type.encode())
-        ex.status = upstream.status
-        usage, _ = usage_of(body)
-        if usage is not None:
-            ex.count_tokens(usage.prompt_tokens, usage.completion_tokens)
-
-    async def _stream(
-        self,
-        committed: Committed,
-        send: Any,
-        headers: Headers,
-        watch: DisconnectWatch,
-        ex: _Exchange,
-    ) -> None:
-        ex.status = 200
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers}
-        )
-        await send({"type": "http.response.body", "body": committed.first, "more_body": True})
-        ex.first_byte = time.perf_counter()
-        reader = committed.reader
-        assert reader is not None
-        try:
-            async for batch in reader.rest():
-                await send({"type": "http.response.body", "body": batch, "more_body": True})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must still end the stream properly
-            await send(
-                {
-                    "type": "http.response.body",
-                    "more_body": True,
-                    "body": error_event(f"gateway error: {type(exc).__name__}") + DONE,
-                }
+            self.auth.check(authorization)
+        pool = await ex.route(pool, self.state)
+        if method != "POST":
+            replica = min(
+                (r for r in pool.replicas if r.ready),
+                key=lambda r: r.in_use,
+                default=None,
             )
-            ex.error = "internal_error"
-        ex.events = reader.stats.events
-        if reader.stats.failed:
-            ex.error = reader.stats.failed
-        watch.finish()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _send_backend_error(
-        self, send: Any, error: BackendError, headers: Headers, ex: _Exchange
-    ) -> None:
-        ex.status = backend_error_status(error)
-        ex.error = "upstream_error"
-        ex.attempts = error.attempts
-        ex.replica = error.replica_id or None
-        extra = [(b"x-orchgate-attempts", str(error.attempts).encode())]
-        if isinstance(error, BackendOverloaded) and error.retry_after_s is not None:
-            extra += [
-                (k.lower().encode(), v.encode())
-                for k, v in backoff_headers(error.retry_after_s).items()
-            ]
-        await send_bytes(send, ex.status, error.encoded_body(), headers + extra)
-
-    def _observe(self, ex: _Exchange, started: float) -> None:
-        latency = self.latency[ex.replica]  # type: ignore[index]
-        if ex.first_byte is not None:
-            latency.ttft.observe(ex.first_byte - started)
-        latency.duration.observe(time.perf_counter() - started)
-
-    def _log(self, scope: dict[str, Any], rid: str, ex: _Exchange, started: float) -> None:
-        if not self.log.enabled:
+            if replica is None:
+                raise NotFound(f"pool {pool.id!r} has no ready replica to ask")
+            ex.replica = replica.replica_id
+            status, raw = await replica.backend.get(native)
+            ex.status = status
+            kind = b"application/json" if raw[:1] in (b"{", b"[") else b"text/plain; charset=utf-8"
+            await send_bytes(send, status, raw, headers, kind)
             return
-        end = time.perf_counter()
-        self.log.write(
-            AccessRecord(
-                ts=time.time(),
-                method=scope["method"],
-                path=scope["path"],
-                status=ex.status,
-                duration_ms=round((end - started) * 1000, 3),
-                request_id=rid,
-                pool=ex.pool,
-                replica=ex.replica,
-                engine=ex.engine,
-                attempts=ex.attempts,
-                ttfb_ms=None
-                if ex.first_byte is None
-                else round((ex.first_byte - started) * 1000, 3),
-                events=ex.events,
-                tokens_in=ex.tokens_in,
-                tokens_out=ex.tokens_out,
-                error=ex.error,
-            )
+        body = await read_body(scope, receive, self.max_body)
+        view = parse_routing_view(body)
+        stream = bool(view.stream)
+        make_call = call_factory(pool, Endpoint.NATIVE, body, view.model, stream, rid, path=native)
+        plan = _Plan(pool, parse_priority(header(scope, b"x-priority")), make_call)
+        if stream:
+            plan.relay, plan.open_reader = Relay.RAW, RawReader
+        await self._relay(plan, scope, receive, send, headers, ex)
+
+
+# -- relays --------------------------------------------------------------------------------
+async def _whole(
+    committed: Committed, send: Any, headers: Headers, watch: DisconnectWatch, ex: Exchange
+) -> None:
+    upstream = committed.upstream
+    body = await upstream.read()
+    ex.first_byte = time.perf_counter()
+    watch.finish()
+    await send_bytes(send, upstream.status, body, headers, upstream.content_type.encode())
+    ex.status = upstream.status
+    usage, _ = usage_of(body)
+    ex.count_usage(usage)
+
+
+async def _relayed(
+    committed: Committed,
+    send: Any,
+    headers: Headers,
+    watch: DisconnectWatch,
+    ex: Exchange,
+    *,
+    events: bool,
+) -> None:
+    """An answer sent on as it arrives: SSE events (``events``) or raw bytes."""
+    upstream = committed.upstream
+    if events:
+        start = _SSE_HEADERS + headers
+    else:
+        start = [(b"content-type", upstream.content_type.encode()), *headers]
+    ex.status = upstream.status if not events else 200
+    await send({"type": "http.response.start", "status": ex.status, "headers": start})
+    await send({"type": "http.response.body", "body": committed.first, "more_body": True})
+    ex.first_byte = time.perf_counter()
+    reader = committed.reader
+    assert reader is not None
+    try:
+        async for batch in reader.rest():
+            await send({"type": "http.response.body", "body": batch, "more_body": True})
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a bug must still end the stream properly
+        await send(
+            {
+                "type": "http.response.body",
+                "more_body": True,
+                "body": reader.failure(f"gateway error: {type(exc).__name__}"),
+            }
         )
+        ex.error = "internal_error"
+    ex.events = reader.stats.events if events else None
+    if reader.stats.failed:
+        ex.error = reader.stats.failed
+    watch.finish()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_error(send: Any, surface: Surface, error: GatewayError, headers: Headers) -> None:
+    extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    envelope = error.envelope()
+    if surface is Surface.ANTHROPIC:
+        envelope = anthropic_envelope(error.status, envelope)
+    await send_bytes(send, error.status, encoder.encode(envelope), headers + extra)
+
+
+async def _send_backend_error(
+    send: Any, surface: Surface, error: BackendError, headers: Headers, ex: Exchange
+) -> None:
+    ex.status = backend_error_status(error)
+    ex.error = "upstream_error"
+    ex.attempts = error.attempts
+    ex.replica = error.replica_id or None
+    extra = [(b"x-orchgate-attempts", str(error.attempts).encode())]
+    if isinstance(error, BackendOverloaded) and error.retry_after_s is not None:
+        extra += [
+            (k.lower().encode(), v.encode())
+            for k, v in backoff_headers(error.retry_after_s).items()
+        ]
+    if surface is Surface.ANTHROPIC:
+        body = encoder.encode(anthropic_envelope(ex.status, error.body))
+    else:
+        body = error.encoded_body()
+    await send_bytes(send, ex.status, body, headers + extra)

@@ -16,7 +16,8 @@ from litestar.response import Stream
 
 from backends.base import Endpoint
 from gateway.errors import TOO_DEEP, GatewayError, backoff_headers
-from gateway.state import GatewayState, PoolRuntime
+from gateway.pools import PoolRuntime
+from gateway.state import GatewayState
 from gateway.tasks import CancelOutcome, Task, TaskBook, TaskRequest, Workload
 from policies.admission import AdmissionError, PoolUnready, QueueFull
 
@@ -80,10 +81,11 @@ def _render(_: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any
 
 def _resolve_pool(state: GatewayState, req: TaskRequest) -> PoolRuntime:
     name = req.model_ref or req.model
-    if name is None:
-        if len(state.pools) == 1:
-            return next(iter(state.pools.values()))
-        raise _invalid("model_ref is required when the gateway serves several pools")
+    if name is None:  # the OpenAI surface's rule: server.default_model, or the only pool
+        try:
+            name = state.default_model()
+        except GatewayError:
+            raise _invalid("model_ref is required: the gateway serves several pools") from None
     pool_id = state.models.pool_for(name)
     if pool_id is None and ":" in name:  # "hf:org/repo", "file:/path": try the bare name
         pool_id = state.models.pool_for(name.split(":", 1)[1])
