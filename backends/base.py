@@ -163,8 +163,9 @@ class Backend(Protocol):
     replica_id: str
     launch_argv: list[str] | None
     endpoints: frozenset[Endpoint]  # what this replica serves (config ``endpoints``)
-    # engine routes /upstream/{model}/... may reach: path -> "data" (the gateway token)
-    # or "admin" (introspection: the admin token)
+    # engine routes /upstream/{model}/... may reach, each with how: "post" (a request
+    # with the gateway token), "get" (a read with the gateway token) or "admin-get"
+    # (introspection: the admin token)
     native_routes: ClassVar[dict[str, str]]
     # endpoints whose answers are the engine's own shape, relayed as they come (no OpenAI
     # stream rules: no [DONE] to expect, no usage to read)

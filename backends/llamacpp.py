@@ -35,17 +35,17 @@ class LlamaCppBackend(OpenAICompatBackend):
     # /upstream/{model}/...: llama-server's own routes. Never /slots/{id} (its save and
     # restore actions take a file name) nor POST /props (changes the server's settings).
     native_routes = {
-        "/completion": "data",
-        "/infill": "data",
-        "/tokenize": "data",
-        "/detokenize": "data",
-        "/apply-template": "data",
-        "/embedding": "data",
-        "/reranking": "data",
-        "/props": "admin",
-        "/slots": "admin",
-        "/metrics": "admin",
-        "/health": "data",
+        "/completion": "post",
+        "/infill": "post",
+        "/tokenize": "post",
+        "/detokenize": "post",
+        "/apply-template": "post",
+        "/embedding": "post",
+        "/reranking": "post",
+        "/props": "admin-get",
+        "/slots": "admin-get",
+        "/metrics": "admin-get",
+        "/health": "get",
     }
 
     async def probe(self) -> ReplicaInfo:

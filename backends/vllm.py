@@ -45,12 +45,12 @@ class VLLMBackend(OpenAICompatBackend):
     }
     native_endpoints = frozenset({Endpoint.TOKENIZE, Endpoint.DETOKENIZE})
     native_routes = {
-        "/pooling": "data",
-        "/classify": "data",
-        "/score": "data",
-        "/metrics": "admin",
-        "/version": "data",
-        "/health": "data",
+        "/pooling": "post",
+        "/classify": "post",
+        "/score": "post",
+        "/metrics": "admin-get",
+        "/version": "get",
+        "/health": "get",
     }
 
     async def probe(self) -> ReplicaInfo:

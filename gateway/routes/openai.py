@@ -79,7 +79,6 @@ _id_counter = itertools.count(1)
 
 _ALLOW_GET = {"Allow": "GET, HEAD"}
 _ALLOW_POST = {"Allow": "POST"}
-_ALLOW_BOTH = {"Allow": "GET, HEAD, POST"}
 UPSTREAM_PREFIX = "/upstream/"
 
 
@@ -400,14 +399,16 @@ class OpenAIProxy:
         ex: Exchange,
     ) -> None:
         method = scope["method"]
-        if method not in ("GET", "HEAD", "POST"):
-            raise MethodNotAllowed("use GET or POST for engine routes", headers=_ALLOW_BOTH)
-        pool, native, level = self._native_target(scope["path"])
+        pool, native, access = self._native_target(scope["path"])
         authorization = header(scope, b"authorization")
-        if level == "admin":
+        if access == "admin-get":
             self.auth.check_admin(authorization)
         else:
             self.auth.check(authorization)
+        if access == "post" and method != "POST":
+            raise MethodNotAllowed(f"use POST for {native}", headers=_ALLOW_POST)
+        if access != "post" and method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"use GET for {native}", headers=_ALLOW_GET)
         pool = await ex.route(pool, self.state)
         if method != "POST":
             replica = min(

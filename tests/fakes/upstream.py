@@ -62,6 +62,8 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
+        app.router.add_post("/v1/audio/speech", self.speech)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         return app
@@ -81,6 +83,27 @@ class FakeUpstream:
                 "data": [{"id": "fake", "object": "model", "created": 1, "owned_by": "me"}],
             }
         )
+
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        """Reads the multipart form as an engine would: the file's size and the model."""
+        self.headers.append(dict(request.headers))
+        form = await request.post()
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField):
+            return web.json_response({"error": {"message": "no file"}}, status=400)
+        size = len(upload.file.read())
+        return web.json_response({"text": f"{size} bytes for {form.get('model')}"})
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        """Audio bytes in ``chunks`` pieces, ``delay_s`` apart (a streamed MP3, say)."""
+        spec = _decoder.decode(await request.read()).get("fake", {})
+        response = web.StreamResponse(headers={"Content-Type": "audio/mpeg"})
+        await response.prepare(request)
+        for i in range(spec.get("chunks", 3)):
+            await response.write(bytes([i]) * 1000)
+            await asyncio.sleep(spec.get("delay_s", 0))
+        await response.write_eof()
+        return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
         raw = await request.read()
