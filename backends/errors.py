@@ -130,6 +130,7 @@ class BackendError(Exception):
         retry_after_s: float | None = None,
         body: dict[str, Any] | None = None,
         answered: bool = False,
+        raw: bytes | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -139,6 +140,7 @@ class BackendError(Exception):
         self.retry_after_s = retry_after_s
         self.attempts = 1  # set by dispatch when retries were exhausted
         self.answered = answered  # the upstream answered this error itself (module doc)
+        self.raw = raw  # the upstream's own error body, for surfaces that pass it on as is
         self.body = body or {
             "error": {
                 "message": message,
@@ -191,6 +193,17 @@ class BackendUnservable(BackendRejected):
     kind = "unservable"
 
 
+class BackendDeviceError(BackendError):
+    """An accelerator worker's own error answer (the OpenVINO worker's 503 when the NPU's
+    busy time did not move, its 500 when generation failed): the device's word on this
+    request, passed on as the worker said it. Never retried: another attempt would run a
+    whole generation again on the same device, and a 503 here is not overload."""
+
+    retryable = False
+    default_status = 500
+    kind = "device"
+
+
 class BackendInterrupted(BackendError):
     retryable = False
     default_status = 503
@@ -230,6 +243,7 @@ def error_from_status(
         retry_after_s=retry_after_s,
         body=body,
         answered=True,
+        raw=raw,
     )
 
 

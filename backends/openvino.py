@@ -7,8 +7,14 @@ holds waiting requests. Serves chat completions and the contract's ``/v1/worker/
 
 from __future__ import annotations
 
-from backends.base import WORKER_ENDPOINTS, Endpoint, ReplicaInfo
-from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
+from backends.base import NO_LIMITS, WORKER_ENDPOINTS, Endpoint, Limits, ReplicaInfo, UpstreamCall
+from backends.errors import BackendDeviceError, BackendError
+from backends.openai_compat import (
+    HttpReplicaConfig,
+    OpenAICompatBackend,
+    UpstreamStream,
+    decode_json,
+)
 
 
 class OpenVINOReplicaConfig(HttpReplicaConfig, tag="openvino", frozen=True):
@@ -19,6 +25,23 @@ class OpenVINOBackend(OpenAICompatBackend):
     engine = "openvino"
     default_slots = 1
     served = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS}) | WORKER_ENDPOINTS
+
+    async def send(self, call: UpstreamCall, limits: Limits = NO_LIMITS) -> UpstreamStream:
+        try:
+            return await super().send(call, limits)
+        except BackendError as error:
+            if call.endpoint not in WORKER_ENDPOINTS or not error.answered or error.status < 500:
+                raise
+            # the worker's 5xx are the device's verdict on this job (module doc)
+            raise BackendDeviceError(
+                error.message,
+                replica_id=error.replica_id,
+                engine=error.engine,
+                status=error.status,
+                body=error.body,
+                answered=True,
+                raw=error.raw,
+            ) from error
 
     async def probe(self) -> ReplicaInfo:
         status, raw = await self.get("/healthz")

@@ -182,3 +182,52 @@ def test_messages_to_an_engine_without_them_is_404_in_anthropic_shape(
     assert answer.json()["error"]["type"] == "not_found_error"
     assert answer.json()["error"]["code"] == "endpoint_not_supported"
     assert fake.bodies == []  # never sent
+
+
+def _worker_app(answers: list[tuple[int, dict[str, Any]]], seen: list[bytes]) -> web.Application:
+    """The OpenVINO worker contract's surface, answering from a script."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "loaded": True, "device": "NPU", "busy": False})
+
+    async def generate(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        status, body = answers.pop(0)
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/v1/worker/generate", generate)
+    return app
+
+
+def test_worker_answers_pass_through_and_device_failures_are_not_retried(
+    gateway_factory: Any,
+) -> None:
+    payload = {
+        "job": "title",
+        "text": "A title",
+        "json": None,
+        "timing_ms": {"total": 12},
+        "npu_busy_delta_us": 840,
+        "npu_busy_before_us": 1,
+        "npu_busy_after_us": 841,
+    }
+    device = {"error": "npu busy time did not advance", "npu_busy_delta_us": 0}
+    bounds = {"error": "max_new_tokens must be between 1 and 256"}
+    seen: list[bytes] = []
+    answers = [(200, payload), (503, device), (500, {"error": "generation failed"}), (400, bounds)]
+    with serve_aiohttp(lambda: _worker_app(answers, seen)) as worker:
+        replicas = [{"id": "npu", "engine": "openvino", "url": worker.url}]
+        with gateway_factory({"pools": [pool("npu", ["qwen"], replicas)]}) as gw:
+            url = gw.url + "/v1/worker/generate"
+            job = {"job": "title", "input": "x"}
+            replies = [httpx.post(url, json=job, timeout=10) for _ in range(4)]
+    assert [(r.status_code, r.json()) for r in replies] == [
+        (200, payload),
+        (503, device),
+        (500, {"error": "generation failed"}),
+        (400, bounds),
+    ]
+    assert len(seen) == 4  # one generation per call: nothing retried
+    assert all(r.headers["x-orchgate-attempts"] == "1" for r in replies[1:])

@@ -513,6 +513,8 @@ async def _send_backend_error(
         ]
     if surface is Surface.ANTHROPIC:
         body = encoder.encode(anthropic_envelope(ex.status, error.body))
+    elif surface is Surface.WORKER and error.raw is not None:
+        body = error.raw  # the worker contract's own answer, as the worker gave it
     else:
         body = error.encoded_body()
     await send_bytes(send, ex.status, body, headers + extra)
