@@ -123,18 +123,16 @@ class Exchange:
         client_retries: int = 0,
     ) -> Committed:
         """Run the request to its first byte (``gateway.dispatch``); the answer and its
-        slot are this exchange's from then on."""
-        try:
-            committed = self.committed = await dispatch(
-                pool,
-                priority,
-                make_call,
-                open_reader=open_reader,
-                ticket=ticket,
-                client_retries=client_retries,
-            )
-        except AdmissionError as error:
-            raise admission_error(error) from None
+        slot are this exchange's from then on. Raises ``AdmissionError`` when it gets no
+        slot (each surface words that its own way: ``admission_error`` for OpenAI's)."""
+        committed = self.committed = await dispatch(
+            pool,
+            priority,
+            make_call,
+            open_reader=open_reader,
+            ticket=ticket,
+            client_retries=client_retries,
+        )
         self.replica = committed.lease.replica.replica_id
         self.attempts = committed.attempts
         return committed

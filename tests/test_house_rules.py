@@ -94,10 +94,11 @@ def test_imports_only_go_down_the_layers() -> None:
     assert not upward, "\n".join(upward)
 
 
-def _eager_graph() -> dict[str, set[str]]:
-    """Module -> the project modules it executes at import time. Importing ``a.b.c`` runs
-    ``a/__init__`` and ``a/b/__init__`` first, so those are edges too -- except a module's
-    own ancestor packages, which Python has always started importing before it."""
+def _eager_graph(*, eager_only: bool = True) -> dict[str, set[str]]:
+    """Module -> the project modules it executes at import time (``eager_only``), or
+    that it names anywhere, for types too. Importing ``a.b.c`` runs ``a/__init__`` and
+    ``a/b/__init__`` first, so those are edges too -- except a module's own ancestor
+    packages, which Python has always started importing before it."""
     modules = dict(_modules())
     graph: dict[str, set[str]] = {}
     for module, path in modules.items():
@@ -106,7 +107,7 @@ def _eager_graph() -> dict[str, set[str]]:
         deps: set[str] = set()
         for imported, _, eager in _imports(path, module):
             parts = imported.split(".")
-            if not eager or parts[0] not in PACKAGES:
+            if (eager_only and not eager) or parts[0] not in PACKAGES:
                 continue
             for n in range(1, len(parts) + 1):
                 target = ".".join(parts[:n])
@@ -165,6 +166,13 @@ def test_no_module_import_cycle() -> None:
     """No module needs another that needs it back at import time (a lazy import inside a
     function or under ``TYPE_CHECKING`` is not executed then)."""
     assert _cycles(_eager_graph()) == []
+
+
+def test_no_cycle_even_through_type_only_or_lazy_imports() -> None:
+    """The stricter rule: not even the imports made for types (``TYPE_CHECKING``) or
+    inside functions close a circle -- the request path is a line, state to pool to
+    exchange to dispatch, with nothing pointing back."""
+    assert _cycles(_eager_graph(eager_only=False)) == []
 
 
 def test_the_cycle_finder_finds_cycles() -> None:

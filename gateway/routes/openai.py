@@ -44,7 +44,7 @@ from gateway.errors import (
     backend_error_status,
     backoff_headers,
 )
-from gateway.exchange import Exchange, check_serves
+from gateway.exchange import Exchange, admission_error, check_serves
 from gateway.logging import AccessLog
 from gateway.pools import PoolRuntime
 from gateway.state import GatewayState
@@ -59,7 +59,7 @@ from gateway.wire import (
     with_model,
     with_stream_usage,
 )
-from policies.admission import Priority
+from policies.admission import AdmissionError, Priority
 from policies.retry import RETRY_COUNT_HEADER, client_retry_count
 
 log = logging.getLogger("orchgate")
@@ -342,13 +342,16 @@ class OpenAIProxy:
         ex: Exchange,
     ) -> None:
         watch = ex.watch = DisconnectWatch(receive)
-        committed = await ex.open(
-            plan.pool,
-            plan.priority,
-            plan.make_call,
-            open_reader=plan.open_reader,
-            client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
-        )
+        try:
+            committed = await ex.open(
+                plan.pool,
+                plan.priority,
+                plan.make_call,
+                open_reader=plan.open_reader,
+                client_retries=client_retry_count(header(scope, RETRY_COUNT_HEADER)),
+            )
+        except AdmissionError as error:
+            raise admission_error(error) from None
         headers += [
             (b"x-orchgate-replica", committed.lease.replica.replica_id.encode()),
             (b"x-orchgate-attempts", str(committed.attempts).encode()),
