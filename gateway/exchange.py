@@ -101,15 +101,17 @@ class Exchange:
         self.tokens_out: int | None = None
 
     # -- which pool ------------------------------------------------------------------
-    async def route(self, pool: PoolRuntime, settler: Settler) -> PoolRuntime:
-        """``pool``, or what serves it once an in-place swap holding it is over."""
-        if settler.holds:  # an in-place swap holds a pool (rare): no await otherwise
-            try:
-                pool = await settler.settled(pool)
-            except AdmissionError as error:
-                raise admission_error(error) from None
+    def bind(self, pool: PoolRuntime) -> PoolRuntime:
         self.pool, self.engine = pool.id, pool.engine
         return pool
+
+    async def settle(self, pool: PoolRuntime, settler: Settler) -> PoolRuntime:
+        """What serves ``pool`` once the in-place swap holding it is over; callers check
+        ``settler.holds`` first, so the common path awaits nothing."""
+        try:
+            return self.bind(await settler.settled(pool))
+        except AdmissionError as error:
+            raise admission_error(error) from None
 
     # -- admission, placement, attempts ----------------------------------------------
     async def open(

@@ -290,7 +290,9 @@ class OpenAIProxy:
         priority = parse_priority(header(scope, b"x-priority"))
         endpoint = route.endpoint
         if not route.routed:  # the worker's jobs name no model
-            pool = await ex.route(self.state.worker_pool(), self.state)
+            pool = ex.bind(self.state.worker_pool())
+            if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
+                pool = await ex.settle(pool, self.state)
             return _Plan(pool, priority, call_factory(pool, endpoint, body, None, False, rid))
         if route.body is Body.MULTIPART:
             return await self._prepare_upload(route, scope, body, priority, rid, ex)
@@ -299,7 +301,9 @@ class OpenAIProxy:
         if model is None:  # as a single llama-server serves it: the default model
             model = self.state.default_model()
             body = with_model(body, model)
-        pool = await ex.route(self.state.pool_for(model), self.state)
+        pool = ex.bind(self.state.pool_for(model))
+        if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
+            pool = await ex.settle(pool, self.state)
         check_serves(pool, endpoint, scope["path"])
         return _plan(route, view, body, model, pool, priority, rid)
 
@@ -319,7 +323,9 @@ class OpenAIProxy:
             if field not in form.files and field not in form.fields:
                 raise InvalidRequest(f"missing required form field {field!r}", param=field)
         model = form.text("model") or self.state.default_model()
-        pool = await ex.route(self.state.pool_for(model), self.state)
+        pool = ex.bind(self.state.pool_for(model))
+        if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
+            pool = await ex.settle(pool, self.state)
         check_serves(pool, route.endpoint, scope["path"])
         renamed = model if "model" in form.fields else None  # no field: nothing to rename
 
@@ -412,7 +418,9 @@ class OpenAIProxy:
             raise MethodNotAllowed(f"use POST for {native}", headers=_ALLOW_POST)
         if access != "post" and method not in ("GET", "HEAD"):
             raise MethodNotAllowed(f"use GET for {native}", headers=_ALLOW_GET)
-        pool = await ex.route(pool, self.state)
+        pool = ex.bind(pool)
+        if self.state.holds:  # an in-place swap holds a pool (rare): no await otherwise
+            pool = await ex.settle(pool, self.state)
         if method != "POST":
             replica = min(
                 (r for r in pool.replicas if r.ready),
