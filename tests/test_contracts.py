@@ -5,6 +5,7 @@ stream; and llama-orch's OrchQueue v1 data plane fuzzed with its own ``data.yaml
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -23,22 +24,42 @@ from tests.conftest import ADMIN, Gateway, pool
 from tests.fakes.servers import AiohttpThread
 from tests.fakes.upstream import FakeUpstream
 
+# the other projects' published contracts live beside the checkout (../shared/contracts,
+# as CI lays it out), never copied into the project
 CONTRACTS = Path(__file__).resolve().parents[2] / "shared" / "contracts"
-OPENAI = json.loads((CONTRACTS / "openai-openapi-subset.json").read_text())
 
 
-def _validator(name: str) -> Any:
+@functools.cache
+def _openai_components() -> Any:
+    path = CONTRACTS / "openai-openapi-subset.json"
+    assert path.is_file(), f"the contracts folder must sit beside the checkout: {path}"
+    return json.loads(path.read_text())["components"]
+
+
+class _Schema:
+    """One of OpenAI's component schemas, compiled on first use."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def validate(self, instance: Any) -> None:
+        validator = _compiled(self.name)
+        validator.validate(instance)
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$ref": f"#/components/schemas/{name}",
-        "components": OPENAI["components"],
+        "components": _openai_components(),
     }
     return jsonschema_rs.validator_for(schema)
 
 
-ERROR = _validator("ErrorResponse")
-MODELS = _validator("ListModelsResponse")
-MODEL = _validator("Model")
+ERROR = _Schema("ErrorResponse")
+MODELS = _Schema("ListModelsResponse")
+MODEL = _Schema("Model")
 
 
 @pytest.fixture
