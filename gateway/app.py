@@ -17,6 +17,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 
+from backends.hardware import detect
 from gateway.asgi import send_bytes
 from gateway.auth import TokenCheck
 from gateway.config import Config
@@ -34,6 +35,8 @@ from gateway.guard import RequestGuard
 from gateway.lifecycle import Lifecycle
 from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
+from gateway.residency import Residency
+from gateway.routes.catalog import catalog_handlers
 from gateway.routes.control import control_handlers
 from gateway.routes.lifecycle import lifecycle_handlers
 from gateway.routes.openai import UPSTREAM_PREFIX, OpenAIProxy, fresh_request_id, request_id
@@ -160,6 +163,11 @@ def create_app(
         reservations=ReservationBook(),
         config_path=config_path,
     )
+    residency = (
+        Residency(state, config.catalog, webhooks=webhooks, hardware=detect(config.hardware))
+        if config.catalog is not None
+        else None
+    )
 
     async def require_token(
         connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
@@ -176,9 +184,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await state.start()
+        if residency is not None:
+            await residency.start()
         try:
             yield
         finally:
+            if residency is not None:
+                await residency.aclose()
             await lifecycle.aclose()
             await state.stop()
             await webhooks.aclose()
@@ -208,6 +220,7 @@ def create_app(
             *_openai_routes(proxy),
             *control_handlers(state, lifecycle, guards=[require_token]),
             *lifecycle_handlers(lifecycle, guards=[require_token], admin=[require_admin]),
+            *catalog_handlers(residency, guards=[require_token], admin=[require_admin]),
             task_router(state, state.tasks, guards=[require_token]),
             openapi,
         ],
@@ -255,6 +268,14 @@ def create_app(
 _encoder = msgspec.json.Encoder()
 _QUIET_PATHS = frozenset({"/health", "/metrics"})
 _MODEL_PREFIXES = ("/v1/models/", "/models/")
+
+
+def _is_model_action(method: str, path: str) -> bool:
+    """``POST /v1/models/{id}/load|unload``: the control plane's, not the model list's."""
+    return method == "POST" and path.startswith("/v1/models/") and path.endswith(_MODEL_ACTIONS)
+
+
+_MODEL_ACTIONS = ("/load", "/unload")
 
 
 def _front_door_answer(error: GatewayError, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -334,7 +355,11 @@ class GatewayApp:
         if scope["method"] != "OPTIONS":
             path = scope["path"]
             handler = self._hot.get(path)
-            if handler is None and path.startswith(_MODEL_PREFIXES):
+            if (
+                handler is None
+                and path.startswith(_MODEL_PREFIXES)
+                and not _is_model_action(scope["method"], path)
+            ):
                 handler = self._model
             if handler is not None:
                 if self._cors or self._cors_any:

@@ -20,6 +20,7 @@ from msgspec import Meta
 from backends.base import Strict, is_loopback
 from backends.hardware import HardwareConfig
 from backends.registry import ReplicaConfig
+from policies.recipes import ModelOverride, RecipeConfig, unknown_placeholders
 
 TOKEN_ENV = "ORCHGATE_API_TOKEN"
 ADMIN_TOKEN_ENV = "ORCHGATE_ADMIN_TOKEN"
@@ -155,7 +156,9 @@ class MetricsConfig(Strict, frozen=True):
     gpu_interval_s: Annotated[float, Meta(gt=0)] = 2.0
 
 
-WebhookEvent = Literal["swap_complete", "swap_failed"]
+WebhookEvent = Literal[
+    "swap_complete", "swap_failed", "model_loaded", "model_load_failed", "model_unloaded"
+]
 
 
 class WebhookConfig(Strict, frozen=True):
@@ -166,10 +169,33 @@ class WebhookConfig(Strict, frozen=True):
     secret: Annotated[str, Meta(min_length=16)] | None = None
     secret_env: str | None = None
     events: list[WebhookEvent] = msgspec.field(
-        default_factory=lambda: ["swap_complete", "swap_failed"]
+        default_factory=lambda: [
+            "swap_complete",
+            "swap_failed",
+            "model_loaded",
+            "model_load_failed",
+            "model_unloaded",
+        ]
     )
     timeout_s: Annotated[float, Meta(gt=0)] = 5.0
     max_attempts: Annotated[int, Meta(ge=1, le=20)] = 5
+
+
+class CatalogConfig(Strict, frozen=True):
+    """``[catalog]``: models found on disk, started on first request (``gateway.residency``)."""
+
+    dirs: list[str] = []
+    recipes: list[RecipeConfig] = []
+    models: dict[str, ModelOverride] = {}  # per model id: aliases, idle TTL, pinned...
+    idle_ttl_s: Annotated[float, Meta(ge=0)] = 0.0  # 0: loaded models stay until evicted
+    max_loaded: Annotated[int, Meta(ge=1)] | None = None
+    # what residency may fill, per device ("cpu", "cuda:0"...), in MiB; default: the
+    # detected (or [hardware]) RAM and VRAM, less what the system needs
+    memory_mib: dict[str, Annotated[int, Meta(ge=1)]] = {}
+    load_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    queue_capacity: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
+    queue_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    rescan_s: Annotated[float, Meta(ge=0)] = 0.0  # 0: at start, on reload and on demand
 
 
 class Config(Strict, frozen=True):
@@ -180,6 +206,7 @@ class Config(Strict, frozen=True):
     hardware: HardwareConfig = HardwareConfig()
     webhooks: list[WebhookConfig] = []
     pools: list[PoolConfig] = []
+    catalog: CatalogConfig | None = None
 
     @property
     def host(self) -> str:
@@ -230,9 +257,32 @@ def validate(config: Config) -> None:
                 )
             replica_ids.add(replica.id)
         _check_variants(pool, f"pools[{i}]")
-    for i, hook in enumerate(config.webhooks):
+    _check_webhooks(config.webhooks)
+    if config.catalog is not None:
+        _check_catalog(config.catalog)
+
+
+def _check_webhooks(webhooks: list[WebhookConfig]) -> None:
+    for i, hook in enumerate(webhooks):
         if (hook.secret is None) == (hook.secret_env is None):
             raise ConfigError(f"webhooks[{i}]: set exactly one of secret and secret_env")
+
+
+def _check_catalog(catalog: CatalogConfig) -> None:
+    for i, recipe in enumerate(catalog.recipes):
+        unknown = unknown_placeholders(recipe.launch)
+        if unknown:
+            raise ConfigError(
+                f"catalog.recipes[{i}].launch: unknown placeholder(s) {unknown}; known: "
+                "{model_path} {mmproj} {host} {port} {ctx} {slots} {gpu} {python} {id}"
+            )
+        if "{port}" not in " ".join(recipe.launch):
+            raise ConfigError(
+                f"catalog.recipes[{i}].launch: must pass {{port}} (the gateway picks a free one)"
+            )
+    for device in catalog.memory_mib:
+        if not re.fullmatch(r"cpu|cuda:\d+", device):
+            raise ConfigError(f"catalog.memory_mib: {device!r} is not 'cpu' or 'cuda:N'")
 
 
 def _check_default_model(config: Config) -> None:

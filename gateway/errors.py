@@ -191,6 +191,18 @@ class PoolUnavailable(GatewayError):
     code = "pool_unavailable"
 
 
+class InsufficientMemoryError(GatewayError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "insufficient_memory"
+
+
+class ModelUnavailableError(GatewayError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "model_unavailable"
+
+
 class InternalError(GatewayError):
     status = 500
     type = "server_error"

@@ -19,6 +19,8 @@ from gateway.dispatch import Committed, dispatch
 from gateway.errors import (
     EndpointNotServed,
     GatewayError,
+    InsufficientMemoryError,
+    ModelUnavailableError,
     PoolUnavailable,
     QueueFullError,
     backoff_headers,
@@ -26,7 +28,14 @@ from gateway.errors import (
 from gateway.logging import AccessRecord
 from gateway.streaming import Reader
 from gateway.wire import Usage
-from policies.admission import AdmissionError, Priority, QueueFull, Ticket
+from policies.admission import (
+    AdmissionError,
+    InsufficientMemory,
+    ModelUnavailable,
+    Priority,
+    QueueFull,
+    Ticket,
+)
 
 if TYPE_CHECKING:
     from gateway.pools import Hold, PoolRuntime
@@ -45,6 +54,12 @@ def admission_error(error: AdmissionError) -> GatewayError:
     headers = backoff_headers(error.retry_after_s)
     if isinstance(error, QueueFull):
         return QueueFullError(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
+    if isinstance(error, InsufficientMemory):
+        return InsufficientMemoryError(str(error), headers=headers, extra=error.breakdown)
+    if isinstance(error, ModelUnavailable):
+        return ModelUnavailableError(
+            f"{error}; retry after {headers['Retry-After']}s", headers=headers
+        )
     return PoolUnavailable(f"{error}; retry after {headers['Retry-After']}s", headers=headers)
 
 

@@ -19,6 +19,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -169,6 +170,35 @@ class GatewayCollector(Collector):
                         [*ids, str(replica.gpu.device)], replica.gpu.vram_free_bytes
                     )
         yield from (ttft, duration, errors, retries, ejections, slots, vram_free)
+        if self.state.catalog is not None:
+            yield from self._catalog()
+
+    def _catalog(self) -> Iterator[Metric]:
+        assert self.state.catalog is not None
+        counts, seconds, statuses = self.state.catalog.metric_counts()
+        loads = CounterMetricFamily(
+            "orchgate_model_loads", "Catalog model loads, by result.", labels=["model_id", "result"]
+        )
+        unloads = CounterMetricFamily(
+            "orchgate_model_unloads",
+            "Catalog model unloads, by reason (idle, evicted, api).",
+            labels=["model_id", "reason"],
+        )
+        for (event, model, label), count in sorted(counts.items()):
+            (loads if event == "load" else unloads).add_metric([model, label], count)
+        load_seconds = SummaryMetricFamily(
+            "orchgate_model_load_seconds",
+            "Successful loads: from the load's start to its model serving.",
+            labels=["model_id"],
+        )
+        for model, timed in sorted(seconds.items()):
+            load_seconds.add_metric([model], count_value=int(timed[1]), sum_value=timed[0])
+        models = GaugeMetricFamily(
+            "orchgate_catalog_models", "Catalog models by status.", labels=["status"]
+        )
+        for status in ("loaded", "loading", "unloading", "unloaded", "needs_setup", "failed"):
+            models.add_metric([status], statuses.get(status, 0))
+        yield from (loads, unloads, load_seconds, models)
 
 
 class Metrics:

@@ -26,6 +26,7 @@ class PoolRuntime:
         "native_routes",
         "health",
         "id",
+        "on_demand",
         "processes",
         "queue",
         "replicas",
@@ -35,8 +36,13 @@ class PoolRuntime:
         "variant",
     )
 
-    def __init__(self, config: PoolConfig, variant: str = "default") -> None:
+    def __init__(
+        self, config: PoolConfig, variant: str = "default", *, on_demand: bool = False
+    ) -> None:
         self.config = config
+        # a catalog model (gateway.residency): started on first request, parked when
+        # unloaded; never started with the gateway, never part of a config reload
+        self.on_demand = on_demand
         self.variant = variant  # which of the pool's settings runs: "default" or a variant id
         self.id = config.id
         self.canonical = config.models[0]
@@ -101,8 +107,24 @@ class PoolRuntime:
     async def stop(self) -> None:
         await self.health.stop()
         await asyncio.gather(*(process.stop() for process in self.processes))
+        self.processes.clear()
         for replica in self.replicas:
             await replica.backend.aclose()
+
+    def rebind(self, config: PoolConfig) -> None:
+        """A parked pool's replicas at new addresses (its port was taken meanwhile): new
+        adapters, the same replica records, queue and waiters."""
+        self.config = config
+        for replica, replica_config in zip(self.replicas, config.replicas, strict=True):
+            replica.backend = build_backend(replica_config)
+
+    async def park(self, detail: str) -> None:
+        """Stop everything the pool runs but keep the pool: its queue (and whoever waits
+        in it) stays, and ``start`` brings it back. Models on demand unload this way."""
+        await self.stop()
+        for replica in self.replicas:
+            replica.ready = False
+            replica.detail = detail
 
     def idle(self) -> bool:
         return self.queue.depth() == 0 and self.queue.in_use() == 0

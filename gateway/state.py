@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from typing import Any, Protocol
 
 from backends.gpu import Nvml
 from backends.registry import ModelIndex
@@ -23,6 +25,18 @@ from policies.replicas import ReplicaLatency, ReplicaState
 log = logging.getLogger("orchgate")
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
+
+
+class CatalogListing(Protocol):
+    """What the model list and routing need from the catalog (``gateway.residency``)."""
+
+    def model_fields(self, pool_id: str) -> dict[str, Any] | None: ...
+    def unroutable(self) -> list[dict[str, Any]]: ...
+    def explain(self, name: str) -> str | None: ...
+    def model_states(self) -> dict[str, str]: ...
+    def metric_counts(
+        self,
+    ) -> tuple[Counter[tuple[str, str, str]], dict[str, list[float]], Counter[str]]: ...
 
 
 class GatewayState:
@@ -45,17 +59,22 @@ class GatewayState:
         self._grace_ends: float | None = None
         self.nvml: Nvml | None = None
         self._gpu_poller: asyncio.Task[None] | None = None
+        self.catalog: CatalogListing | None = None  # models on demand, when configured
         self.reindex()
 
     def reindex(self) -> None:
         """Rebuild the model routing table and ``/v1/models`` from the pools (start, reload)."""
         configs = [pool.config for pool in self.pools.values()]
         self.models = ModelIndex((p.id, p.models) for p in configs)
-        objects = [
-            model_object(name, p.models[0], p.id, self.started_at)
-            for p in configs
-            for name in p.models
-        ]
+        catalog = self.catalog
+        objects = []
+        for p in configs:
+            extra = catalog.model_fields(p.id) if catalog is not None else None
+            for name in p.models:
+                entry = model_object(name, p.models[0], p.id, self.started_at)
+                objects.append(entry if extra is None else entry | extra)
+        if catalog is not None:
+            objects += catalog.unroutable()
         self.models_body = models_list(objects)  # GET /v1/models
         self.model_bodies = {o["id"]: encoder.encode(o) for o in objects}  # /v1/models/{id}
 
@@ -65,7 +84,7 @@ class GatewayState:
         configured = self.config.server.default_model
         if configured is not None:
             return configured
-        if len(self.pools) == 1:
+        if len(self.pools) == 1:  # a single explicit pool, or a catalog of one model
             return next(iter(self.pools.values())).config.models[0]
         raise InvalidRequest(
             "missing required field 'model' (this gateway serves several pools and has no "
@@ -76,7 +95,8 @@ class GatewayState:
     def pool_for(self, model: str) -> PoolRuntime:
         pool_id = self.models.pool_for(model)
         if pool_id is None:
-            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+            why = self.catalog.explain(model) if self.catalog is not None else None
+            raise ModelNotFound(why or f"The model '{model}' does not exist", param="model")
         return self.pools[pool_id]
 
     def worker_pool(self) -> PoolRuntime:
@@ -122,7 +142,9 @@ class GatewayState:
         """``model_state``: the models pools serve are ``Active``; those a reload replaced
         are ``Retired`` (until a later reload brings them back)."""
         states = dict.fromkeys(self.retired_models, "Retired")
-        states.update((pool.canonical, "Active") for pool in self.pools.values())
+        states.update((p.canonical, "Active") for p in self.pools.values() if not p.on_demand)
+        if self.catalog is not None:
+            states.update(self.catalog.model_states())
         return states
 
     async def _poll_gpus(self, nvml: Nvml, interval_s: float) -> None:
@@ -136,7 +158,8 @@ class GatewayState:
 
     async def start(self) -> None:
         for pool in self.pools.values():
-            await pool.start()
+            if not pool.on_demand:  # catalog models start on their first request
+                await pool.start()
         await self.ensure_gpu_telemetry()
 
     async def ensure_gpu_telemetry(self) -> None:

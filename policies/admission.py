@@ -58,6 +58,23 @@ class QueueTimeout(AdmissionError):
     reason = "queue_timeout"
 
 
+class ModelUnavailable(AdmissionError):
+    """A model on demand failed to load (and backs off), or cannot be loaded at all."""
+
+    reason = "model_unavailable"
+
+
+class InsufficientMemory(AdmissionError):
+    """A model on demand cannot be loaded: nothing that may be unloaded makes room.
+    ``breakdown``: its memory estimate and the device's budget."""
+
+    reason = "insufficient_memory"
+
+    def __init__(self, message: str, *, retry_after_s: float, breakdown: dict[str, object]) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.breakdown = breakdown
+
+
 class PoolClosed(AdmissionError):
     """The gateway is shutting down: nothing more is admitted, waiters are refused."""
 
@@ -83,14 +100,19 @@ class Lease:
 
 
 class _Waiter:
-    __slots__ = ("avoid", "future", "priority")
+    __slots__ = ("arrived", "avoid", "future", "priority")
 
     def __init__(
-        self, future: asyncio.Future[Lease], priority: Priority, avoid: Collection[str]
+        self,
+        future: asyncio.Future[Lease],
+        priority: Priority,
+        avoid: Collection[str],
+        arrived: float,
     ) -> None:
         self.future = future
         self.priority = priority
         self.avoid = avoid
+        self.arrived = arrived
 
 
 class Ticket:
@@ -172,6 +194,13 @@ class AdmissionQueue:
         self._waiting: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
         self.closed: PoolClosed | None = None
         self.rejected: Counter[str] = Counter()  # refusals by reason, for GET /metrics
+        # models on demand (gateway.residency): an unready pool queues its requests and
+        # calls ``on_demand`` (which may refuse: AdmissionError); ``held`` grants nothing
+        # while the model makes room for another; ``startup_s`` is the load still ahead
+        self.on_demand: Callable[[], None] | None = None
+        self.held = False
+        self.startup_s = 0.0
+        self.last_used = self._clock()  # the last grant or release
 
     # -- observation -------------------------------------------------------------------
     def depth(self, priority: Priority | None = None) -> int:
@@ -205,7 +234,16 @@ class AdmissionQueue:
             return 0
 
     def wait_estimate_s(self, position: int) -> float:
-        return self.rate.wait_s(position, self.ready_slots() or 1)
+        return self.startup_s + self.rate.wait_s(position, self.ready_slots() or 1)
+
+    def oldest_waiter(self) -> tuple[bool, float] | None:
+        """(has interactive waiters, earliest arrival among those first in line), or None
+        when nobody waits: how residency orders models competing for memory."""
+        for priority in Priority:
+            arrivals = [w.arrived for w in self._waiting[priority] if not w.future.done()]
+            if arrivals:
+                return priority is Priority.INTERACTIVE, min(arrivals)
+        return None
 
     # -- acquire / release ---------------------------------------------------------------
     def enqueue(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
@@ -216,11 +254,17 @@ class AdmissionQueue:
             self.rejected[PoolClosed.reason] += 1
             raise self.closed
         if not self.is_ready():
-            self.rejected[PoolUnready.reason] += 1
-            raise PoolUnready(
-                "no replica of this pool is ready", retry_after_s=self.unready_retry_s
-            )
-        if not self._has_waiters_ahead(priority):
+            if self.on_demand is None:
+                self.rejected[PoolUnready.reason] += 1
+                raise PoolUnready(
+                    "no replica of this pool is ready", retry_after_s=self.unready_retry_s
+                )
+            try:
+                self.on_demand()  # a model on demand: start it; the request waits
+            except AdmissionError as error:
+                self.rejected[error.reason] += 1
+                raise
+        elif not self.held and not self._has_waiters_ahead(priority):
             replica = choose_replica(self.replicas, avoid)
             if replica is not None:
                 return Ticket(self, lease=self._grant(replica))
@@ -229,7 +273,8 @@ class AdmissionQueue:
             self.rejected[QueueFull.reason] += 1
             raise QueueFull("the pool's queue is full", retry_after_s=wait)
         position = self.position_of(priority)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), priority, avoid)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), priority, avoid, self._clock())
         self._waiting[priority].append(waiter)
         return Ticket(self, waiter=waiter, position=position)
 
@@ -240,6 +285,8 @@ class AdmissionQueue:
     def pump(self) -> None:
         """Grant free slots to waiters, interactive strictly first. Call after capacity grows
         (a replica became ready or discovered more slots)."""
+        if self.held:
+            return
         for priority in Priority:
             queue = self._waiting[priority]
             while queue:
@@ -275,12 +322,14 @@ class AdmissionQueue:
 
     def _grant(self, replica: ReplicaState) -> Lease:
         replica.in_use += 1
-        return Lease(self, replica, self._clock())
+        now = self.last_used = self._clock()
+        return Lease(self, replica, now)
 
     def _on_release(self, lease: Lease, *, observe: bool) -> None:
         lease.replica.in_use -= 1
+        now = self.last_used = self._clock()
         if observe:
-            self.rate.observe(self._clock() - lease.started_at)
+            self.rate.observe(now - lease.started_at)
         self.pump()
 
     def _abandon(self, waiter: _Waiter) -> None:

@@ -19,6 +19,7 @@ Usage::
     python scripts/test_assets.py            # ensure both, print their paths
     python scripts/test_assets.py llama-server
     python scripts/test_assets.py model
+    python scripts/test_assets.py server-tests   # llama.cpp's own server test suite
 """
 
 from __future__ import annotations
@@ -78,6 +79,34 @@ def _pip_download_sdist(spec: str, dest: Path) -> Path:
     return files[0]
 
 
+def _vendored_llama_cpp(work: Path) -> Path:
+    """llama.cpp's source as the llama-cpp-python sdist vendors it, unpacked under work."""
+    _log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist")
+    sdist = _pip_download_sdist(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", work / "dl")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work / "src", filter="data")
+    (src_root,) = (work / "src").iterdir()
+    return src_root / "vendor" / "llama.cpp"
+
+
+def server_test_suite() -> Path:
+    """llama.cpp's own server tests (``tools/server/tests``) from the same source as the
+    binary: ``scripts/peer_suite.py`` runs them direct and through orchgate."""
+    target = cache_dir() / f"llama-server-tests-{LLAMA_CPP_PYTHON_VERSION}"
+    if (target / "utils.py").exists():
+        return target
+    with assets.cache_lock("llama-server-tests"):
+        if (target / "utils.py").exists():
+            return target
+        with tempfile.TemporaryDirectory(prefix="orchgate-llama-") as tmp:
+            tests = _vendored_llama_cpp(Path(tmp)) / "tools" / "server" / "tests"
+            staged = target.with_suffix(".partial")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(tests, staged)
+            staged.rename(target)
+    return target
+
+
 def llama_server() -> Path:
     """Path of a built ``llama-server``; builds it (about 4 minutes on 2 cores) if missing."""
     name = f"llama-server-{LLAMA_CPP_PYTHON_VERSION}-{LLAMA_SERVER_FLAVOUR}"
@@ -92,14 +121,7 @@ def llama_server() -> Path:
                 raise RuntimeError(f"building llama-server needs {tool!r} on PATH")
         with tempfile.TemporaryDirectory(prefix="orchgate-llama-") as tmp:
             work = Path(tmp)
-            _log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sdist")
-            sdist = _pip_download_sdist(
-                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", work / "dl"
-            )
-            with tarfile.open(sdist) as tar:
-                tar.extractall(work / "src", filter="data")
-            (src_root,) = (work / "src").iterdir()
-            llama_cpp = src_root / "vendor" / "llama.cpp"
+            llama_cpp = _vendored_llama_cpp(work)
             build = work / "build"
             _log("configuring llama.cpp")
             subprocess.run(
@@ -152,8 +174,11 @@ def main(argv: list[str]) -> int:
             print(llama_server())
         elif name == "model":
             print(smollm2_model())
+        elif name == "server-tests":
+            print(server_test_suite())
         else:
-            print(f"unknown asset {name!r}; expected llama-server or model", file=sys.stderr)
+            expected = "llama-server, model or server-tests"
+            print(f"unknown asset {name!r}; expected {expected}", file=sys.stderr)
             return 2
     return 0
 

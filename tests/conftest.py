@@ -168,6 +168,20 @@ def dead_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+def schemathesis(schema: str, base_url: str | None, tmp_path: Path, *args: str) -> None:
+    """Run the schemathesis CLI (the test extra's ``st``) and fail with its report's tail.
+    ``schema`` is a file or URL; ``base_url`` where to send the requests, when the schema
+    does not live on the server itself. Seeded, so a failure is reproducible."""
+    st = shutil.which("st", path=str(Path(sys.executable).parent))
+    assert st is not None, "schemathesis is part of the test extra"
+    command = [st, "run", schema, *(["--url", base_url] if base_url else []), *args,
+               "--no-color", "--request-timeout", "10", "--report-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    summary = result.stdout.rsplit("SUMMARY", 1)[-1].lower()
+    assert "failures" not in summary or "0 failures" in summary, result.stdout[-8000:]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

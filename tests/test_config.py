@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -142,10 +143,21 @@ def _config_keys(struct: type, prefix: str = "") -> list[str]:
     keys = []
     for field in msgspec.structs.fields(struct):
         kind = plain(field.type)
+        optional = [a for a in typing.get_args(kind) if a is not type(None)]
+        union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        if union and len(optional) == 1 and is_struct(plain(optional[0])):
+            kind = plain(optional[0])  # an optional section: [catalog]
+        if typing.get_origin(kind) is dict and is_struct(plain(typing.get_args(kind)[1])):
+            keys += _config_keys(plain(typing.get_args(kind)[1]), f"{prefix}{field.name}.<id>.")
+            continue
         item = plain(typing.get_args(kind)[0]) if typing.get_origin(kind) is list else None
         if is_struct(item):
             keys += _config_keys(item, f"{prefix}{field.name}[].")
-        elif item is not None and all(map(is_struct, typing.get_args(item))):
+        elif (
+            item is not None
+            and typing.get_args(item)
+            and all(map(is_struct, typing.get_args(item)))
+        ):
             for engine in typing.get_args(item):  # replicas: one struct per engine
                 keys += [
                     k for k in _config_keys(engine, f"{prefix}{field.name}[].") if k not in keys

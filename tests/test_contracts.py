@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ import pytest
 import yaml
 
 from gateway.app import carries_request_id
-from tests.conftest import ADMIN, Gateway, pool
+from tests.conftest import ADMIN, Gateway, pool, schemathesis
 from tests.fakes.servers import AiohttpThread
 from tests.fakes.upstream import FakeUpstream
 
@@ -135,23 +132,15 @@ def test_in_band_stream_errors_are_openai_error_responses(gw: Gateway) -> None:
 def test_llama_orch_data_plane_contract_fuzzed_with_its_own_schema(
     gw: Gateway, tmp_path: Path
 ) -> None:
-    st = shutil.which("st", path=str(Path(sys.executable).parent))
-    assert st is not None, "schemathesis is part of the test extra"
     # SPEC.md's one recorded difference: "engine" names orchgate's engines, and
     # "orchgate" itself before a pool is known (the contract lists llamacpp|vllm|tgi|triton)
     contract = yaml.safe_load((CONTRACTS / "llama-orch-data.yaml").read_text())
     contract["components"]["schemas"]["Engine"]["enum"] += ["openai", "openvino", "orchgate"]
     schema = tmp_path / "data.yaml"
     schema.write_text(yaml.safe_dump(contract))
-    result = subprocess.run(
-        [st, "run", str(schema), "--url", gw.url,
-         "--include-path-regex", "^/v1/tasks",
-         "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
-         "--header", "Authorization: Bearer t", "--max-examples", "30",
-         "--seed", "20261201", "--no-color", "--request-timeout", "10",
-         "--report-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    schemathesis(
+        str(schema), gw.url, tmp_path,
+        "--include-path-regex", "^/v1/tasks",
+        "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
+        "--header", "Authorization: Bearer t", "--max-examples", "30", "--seed", "20261201",
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]

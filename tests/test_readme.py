@@ -28,4 +28,4 @@ def test_every_toml_example_in_the_readme_parses() -> None:
     assert len(blocks) >= 3
     for block in blocks:
         config = parse_config(block, env={})
-        assert config.pools
+        assert config.pools or (config.catalog is not None and config.catalog.recipes)

@@ -102,6 +102,10 @@ class Lifecycle:
         pool = self.state.pools.get(pool_id)
         if pool is None:
             raise NotFound(f"no pool {pool_id!r}", param="pool_id")
+        if pool.on_demand:
+            raise Conflict(
+                f"pool {pool_id!r} is a catalog model: POST /v1/models/{{id}}/load or /unload"
+            )
         self._check_reservation(pool_id, token)
         request = request or ReloadRequest()
         async with self._exclusive():
@@ -185,7 +189,11 @@ class Lifecycle:
             raise InvalidConfigError(f"not applied: {exc}") from None
 
     def _running_config_with(self, target: PoolConfig) -> Config:
-        pools = [target if p.id == target.id else p.config for p in self.state.pools.values()]
+        pools = [
+            target if p.id == target.id else p.config
+            for p in self.state.pools.values()
+            if not p.on_demand
+        ]
         return _validated(msgspec.structs.replace(self.state.config, pools=pools))
 
     # -- whole config file ---------------------------------------------------------------
@@ -242,6 +250,10 @@ class Lifecycle:
         outcome: dict[str, str] = {}
         for pool_id, pool_config in after.items():
             running = self.state.pools.get(pool_id)
+            if running is not None and running.on_demand:
+                raise InvalidConfigError(
+                    f"pool {pool_id!r}: a catalog model already has this id; rename the pool"
+                )
             if running is None:
                 changes.append(Change(pool_id, None, pool_config, DEFAULT_VARIANT))
                 outcome[pool_id] = "added"
@@ -251,7 +263,7 @@ class Lifecycle:
             else:
                 outcome[pool_id] = "unchanged"
         for pool_id, running in self.state.pools.items():
-            if pool_id not in after:
+            if pool_id not in after and not running.on_demand:
                 changes.append(Change(pool_id, running, None, DEFAULT_VARIANT))
                 outcome[pool_id] = "removed"
         return changes, outcome

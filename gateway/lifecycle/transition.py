@@ -32,8 +32,8 @@ class Change:
     """One pool's part of a reload: ``target`` None removes the pool."""
 
     __slots__ = (
-        "carried", "failed", "new", "old", "old_stopped", "pool_id", "strategy", "switched",
-        "target", "variant",
+        "carried", "new", "old", "old_stopped", "pool_id", "strategy", "switched", "target",
+        "variant",
     )  # fmt: skip
 
     def __init__(
@@ -54,7 +54,6 @@ class Change:
         self.old_stopped = False
         self.new: PoolRuntime | None = None
         self.switched = False
-        self.failed: asyncio.Future[str] | None = None
         self.carried: list[tuple[ReplicaState, Counters]] = []
 
 
@@ -118,14 +117,28 @@ def release_hold(state: GatewayState, pool_id: str) -> None:
 
 async def _gate(change: Change, on_phase: Callable[[Change, str], None]) -> None:
     assert change.target is not None
-    loop = asyncio.get_running_loop()
     new = change.new = PoolRuntime(change.target, change.variant)
-    failed = change.failed = loop.create_future()
+    await gate(new, change.target.reload_timeout_s, lambda phase: on_phase(change, phase))
+
+
+async def gate(
+    pool: PoolRuntime,
+    limit_s: float,
+    on_phase: Callable[[str], None],
+    *,
+    limit_name: str = "reload_timeout_s",
+) -> None:
+    """Start ``pool`` (launch its managed replicas), wait until every replica is healthy,
+    then warm each up with a real one-token request -- within ``limit_s``. A managed
+    process that exits meanwhile fails it at once, with the process's last words. Used
+    by reloads and by models loaded on demand (``gateway.residency``)."""
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[str] = loop.create_future()
 
     def on_exit(replica: ReplicaState, code: int) -> None:
-        if change.switched or failed.done():
+        if failed.done():  # gated already (or failed): the pool's own handling is enough
             return
-        process = next((p for p in new.processes if p.name == replica.replica_id), None)
+        process = next((p for p in pool.processes if p.name == replica.replica_id), None)
         output = process.last_output() if process is not None else ""
         failed.set_result(
             f"replica {replica.replica_id} exited with code {code} while starting"
@@ -133,26 +146,25 @@ async def _gate(change: Change, on_phase: Callable[[Change, str], None]) -> None
         )
 
     try:
-        await new.start(on_exit)
+        await pool.start(on_exit)
     except OSError as exc:
         raise BringUpFailed(f"a replica could not be launched: {exc}") from None
-    deadline = loop.time() + change.target.reload_timeout_s
-    on_phase(change, "loading")
-    while not all(r.ready for r in new.replicas):
+    deadline = loop.time() + limit_s
+    on_phase("loading")
+    while not all(r.ready for r in pool.replicas):
         if failed.done():
             raise BringUpFailed(failed.result())
         if loop.time() > deadline:
             waiting = "; ".join(
-                f"{r.replica_id}: {r.detail or 'not ready'}" for r in new.replicas if not r.ready
+                f"{r.replica_id}: {r.detail or 'not ready'}" for r in pool.replicas if not r.ready
             )
-            raise BringUpFailed(
-                f"not healthy within reload_timeout_s={change.target.reload_timeout_s:g}: "
-                + waiting
-            )
+            raise BringUpFailed(f"not healthy within {limit_name}={limit_s:g}: " + waiting)
         await asyncio.wait({failed}, timeout=_GATE_POLL_S)
-    on_phase(change, "warming_up")
-    for replica in new.replicas:
-        await _warm_up(new, replica, deadline, failed)
+    on_phase("warming_up")
+    for replica in pool.replicas:
+        await _warm_up(pool, replica, deadline, failed)
+    if not failed.done():
+        failed.set_result("")  # from now on an exit is the pool's business, not the gate's
 
 
 async def _warm_up(
@@ -215,7 +227,8 @@ def switch(state: GatewayState, changes: list[Change], config: Config) -> None:
             del state.pools[change.pool_id]
     if any(c.new is None for c in changes):  # keep the config file's pool order
         order = [p.id for p in config.pools]
-        state.pools = {pool_id: state.pools[pool_id] for pool_id in order}
+        on_demand = {k: p for k, p in state.pools.items() if p.on_demand}
+        state.pools = {pool_id: state.pools[pool_id] for pool_id in order} | on_demand
     state.config = config
     state.reindex()
     _mark_retired_models(state, changes)

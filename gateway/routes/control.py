@@ -53,6 +53,7 @@ def pool_summary(pool: PoolRuntime) -> dict[str, Any]:
         "slots_in_use": pool.queue.in_use(),
         "slots_ready": pool.queue.ready_slots(),
         "variant": pool.variant,
+        "on_demand": pool.on_demand,
     }
 
 
@@ -92,7 +93,10 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
     @get("/health")
     async def health() -> Response[dict[str, Any]]:
         pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
-        ready = all(p["ready"] for p in pools.values()) and not state.draining
+        # a catalog model that is not loaded is ready to load, not a broken pool
+        ready = not state.draining and all(
+            p["ready"] for pool_id, p in pools.items() if not state.pools[pool_id].on_demand
+        )
         status = "draining" if state.draining else "ok" if ready else "unready"
         return Response(
             {

@@ -1,0 +1,79 @@
+"""Models on demand, control plane (admin token for anything that changes what runs).
+
+``POST /v1/models/{id}/load``     202 + a job (``?wait=true``: answers when it is done)
+``POST /v1/models/{id}/unload``   202 + a job; in-flight requests finish first
+``GET /v1/jobs/{id}`` / ``GET /v1/jobs``   a job's phases and timings / the recent ones
+``GET /v1/catalog`` (admin)       every catalog model with its metadata, memory estimate,
+                                  status and suggested launch flags; what was skipped
+``POST /v1/catalog/rescan``       scan the catalog folders again
+
+Model ids may hold slashes (``org/name``): the action is the path's last segment. No body
+is read: a request never names a file, a program or an address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Request, Response, get, post
+
+from gateway.errors import InvalidRequest, NotFound
+from gateway.jobs import Job
+from gateway.residency import Residency
+
+_ACTIONS = ("load", "unload")
+
+
+def _answer(job: Job) -> Response[dict[str, Any]]:
+    """202 while it runs; 200 once done (409 when it failed), with where to follow it."""
+    status = (200 if job.succeeded else 409) if job.done.is_set() else 202
+    return Response(job.view(), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _start(catalog: Residency, rest: str) -> Job:
+    model_id, _, action = rest.strip("/").rpartition("/")
+    if action not in _ACTIONS or not model_id:
+        raise InvalidRequest(
+            "use POST /v1/models/{id}/load or /v1/models/{id}/unload", param="action"
+        )
+    if action == "load":
+        return catalog.request_load(model_id)
+    return catalog.request_unload(model_id)
+
+
+def catalog_handlers(
+    residency: Residency | None, *, guards: list[Any], admin: list[Any]
+) -> list[Any]:
+    def owner() -> Residency:
+        if residency is None:
+            raise NotFound("this gateway has no [catalog]; models come from [[pools]] only")
+        return residency
+
+    @post("/v1/models/{rest:path}", guards=admin, status_code=202)
+    async def model_action(rest: str, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+        job = _start(owner(), rest)
+        if request.query_params.get("wait", "").lower() in ("1", "true", "yes"):
+            await asyncio.shield(job.done.wait())
+        return _answer(job)
+
+    @get("/v1/jobs/{job_id:str}", guards=guards)
+    async def job(job_id: str) -> dict[str, Any]:
+        found = owner().jobs.get(job_id)
+        if found is None:
+            raise NotFound(f"no job {job_id!r} (finished jobs are kept for a while)")
+        return found.view()
+
+    @get("/v1/jobs", guards=guards)
+    async def jobs() -> dict[str, Any]:
+        return {"object": "list", "data": [j.view() for j in owner().jobs.recent()]}
+
+    @get("/v1/catalog", guards=admin)  # file paths and memory: the operator's view
+    async def catalog() -> dict[str, Any]:
+        return owner().view()
+
+    @post("/v1/catalog/rescan", guards=admin, status_code=200)
+    async def rescan() -> dict[str, Any]:
+        return await owner().rescan()
+
+    return [model_action, job, jobs, catalog, rescan]
