@@ -24,6 +24,7 @@ This module must not import an HTTP library.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import msgspec
@@ -72,15 +73,34 @@ def _type_for(status: int, upstream_type: object) -> str:
 
 
 def openai_error_body(status: int, raw: bytes) -> dict[str, Any]:
-    """Normalise any upstream error body to ``{"error": {message, type, param, code}}``.
+    """Any upstream error body as ``{"error": {message, type, param, code, ...}}``.
 
-    Accepts the OpenAI shape, vLLM's (nested, or the older flat ``{"object": "error", ...}``)
-    and llama.cpp's (integer ``code``); anything else becomes a generic message.
+    An OpenAI envelope (``error.message`` and ``error.type`` strings: OpenAI's, llama.cpp's,
+    vLLM's nested one) is passed on as the engine wrote it; other shapes (vLLM's older flat
+    ``{"object": "error", ...}``, plain text, a bare ``{"error": "..."}``) are normalised,
+    anything unreadable becomes a generic message.
     """
     try:
         parsed = _decoder.decode(raw) if raw else None
     except msgspec.DecodeError:
         parsed = None
+    if (
+        isinstance(parsed, dict)
+        and isinstance(parsed.get("error"), dict)
+        and isinstance(parsed["error"].get("message"), str)
+        and _OPENAI_STYLE_TYPE.match(str(parsed["error"].get("type")))
+    ):
+        # already an OpenAI envelope (llama.cpp's and vLLM's are): passed on as written --
+        # type and extra fields (llama.cpp's exceed_context_size_error with its
+        # n_prompt_tokens and n_ctx). One exception: engines repeat the HTTP status as an
+        # integer "code", which OpenAI types as a string; typed clients (Go, Rust, Java)
+        # fail to decode the whole error on it, so a non-string code becomes null.
+        as_written: dict[str, Any] = {"param": None, **parsed["error"]}
+        if not isinstance(as_written.get("code"), str):
+            as_written["code"] = None
+        if status == 429:  # whatever the engine called it, a 429 is a rate limit to a client
+            as_written["type"] = "rate_limit_error"
+        return {"error": as_written}
     inner: dict[str, Any]
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
         inner = parsed["error"]
@@ -94,11 +114,10 @@ def openai_error_body(status: int, raw: bytes) -> dict[str, Any]:
     code = inner.get("code")
     upstream_type = inner.get("type")
     if not isinstance(code, str):
-        # llama.cpp and vLLM put the HTTP status in "code"; their type name is the more
-        # useful code (a client can tell exceed_context_size_error from any other 400)
+        # vLLM's flat shape puts the HTTP status in "code"; a specific type name is the
+        # more useful code
         code = upstream_type if upstream_type in _SPECIFIC_TYPES else None
     error: dict[str, Any] = {
-        # what else the engine said stays (llama.cpp's n_prompt_tokens and n_ctx)
         **{k: v for k, v in inner.items() if k not in _ENVELOPE_KEYS},
         "message": str(inner.get("message") or f"upstream returned HTTP {status}"),
         "type": _type_for(status, upstream_type),
@@ -108,6 +127,9 @@ def openai_error_body(status: int, raw: bytes) -> dict[str, Any]:
     return {"error": error}
 
 
+# OpenAI's vocabulary and llama.cpp's own (exceed_context_size_error, unavailable_error):
+# snake_case names ending in _error. vLLM's are Python class names (BadRequestError): mapped.
+_OPENAI_STYLE_TYPE = re.compile(r"^[a-z][a-z0-9_]*_error\Z")
 _ENVELOPE_KEYS = frozenset({"message", "type", "param", "code", "object"})
 # upstream type names specific enough to serve as the OpenAI "code"
 _SPECIFIC_TYPES = frozenset({"exceed_context_size_error", "not_supported_error"})

@@ -42,6 +42,12 @@ class LlamaCppBackend(OpenAICompatBackend):
         "/apply-template": "post",
         "/embedding": "post",
         "/reranking": "post",
+        "/v1/reranking": "post",
+        # token counts before sending (llama-server b7000+; OpenAI's responses.input_tokens)
+        "/chat/completions/input_tokens": "post",
+        "/v1/chat/completions/input_tokens": "post",
+        "/responses/input_tokens": "post",
+        "/v1/responses/input_tokens": "post",
         "/props": "admin-get",
         "/slots": "admin-get",
         "/metrics": "admin-get",

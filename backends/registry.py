@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from backends.base import Backend
 from backends.llamacpp import LlamaCppBackend, LlamaCppReplicaConfig
 from backends.openai import OpenAIBackend, OpenAIReplicaConfig
+from backends.openai_compat import OpenAICompatBackend
 from backends.openvino import OpenVINOBackend, OpenVINOReplicaConfig
 from backends.vllm import VLLMBackend, VLLMReplicaConfig
 
@@ -19,7 +20,7 @@ ReplicaConfig = (
     LlamaCppReplicaConfig | VLLMReplicaConfig | OpenAIReplicaConfig | OpenVINOReplicaConfig
 )
 
-ENGINES: dict[type, type] = {
+ENGINES: dict[type, type[OpenAICompatBackend]] = {
     LlamaCppReplicaConfig: LlamaCppBackend,
     VLLMReplicaConfig: VLLMBackend,
     OpenAIReplicaConfig: OpenAIBackend,

@@ -21,7 +21,7 @@ from backends.hardware import detect
 from gateway.asgi import send_bytes
 from gateway.auth import TokenCheck
 from gateway.config import Config
-from gateway.endpoints import BY_PATH, MULTIPART_PATHS, ROUTES, Route
+from gateway.endpoints import BY_PATH, MULTIPART_PATHS, NATIVE_PATHS, ROUTES, Route
 from gateway.errors import (
     GatewayError,
     HeadersTooLarge,
@@ -133,6 +133,9 @@ def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
     async def upstream(scope: Any, receive: Any, send: Any) -> None:
         await proxy.upstream(scope, receive, send)
 
+    async def native(scope: Any, receive: Any, send: Any) -> None:
+        await proxy.native(scope, receive, send)
+
     return [
         *(
             asgi(path=list(r.paths), name=r.endpoint.name.lower())(_route_handler(proxy, r))
@@ -140,6 +143,7 @@ def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
         ),
         asgi(path=["/v1/models", "/models"], name="models")(models),
         asgi(path="/upstream/{rest:path}", name="upstream")(upstream),
+        asgi(path=sorted(NATIVE_PATHS), name="native")(native),
     ]
 
 
@@ -321,6 +325,7 @@ class GatewayApp:
         self._hot: dict[str, Any] = {
             path: _route_handler(proxy, route) for path, route in BY_PATH.items()
         }
+        self._hot.update(dict.fromkeys(NATIVE_PATHS, proxy.native))
         self._logs_itself = set(self._hot)  # the proxy writes its own, richer lines
         self._upstream = proxy.upstream
         for path in ("/v1/models", "/models"):

@@ -186,11 +186,14 @@ def _fit(args: argparse.Namespace) -> int:
         {"target": name, "free_bytes": free, "fits": fit.total_bytes <= free}
         for name, free in targets
     ]
+    nowhere = None if targets else ("no GPU found" if device == "cuda" else "RAM size unknown")
     if args.json:
         report = {
             **fit.breakdown(),
             "bits_per_weight": round(shape.bits_per_weight, 2),
             "on": verdicts,
+            "fits": bool(verdicts) and all(v["fits"] for v in verdicts),
+            "problem": nowhere,
         }
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
     else:
@@ -201,7 +204,31 @@ def _fit(args: argparse.Namespace) -> int:
                 f"  {'fits' if v['fits'] else 'does NOT fit'} on {v['target']}"
                 f" ({free:.1f} GiB free)"
             )
-    return 0 if all(v["fits"] for v in verdicts) else 1
+        if nowhere is not None:  # no device to fit on is a verdict too: it fits nowhere here
+            print(f"  does NOT fit: {nowhere} on this host (--device {device})")
+    return 0 if verdicts and all(v["fits"] for v in verdicts) else 1
+
+
+def _models(args: argparse.Namespace) -> int:
+    """``orchgate models``: what the catalog finds with this config, offline -- the same
+    models ``GET /v1/catalog`` shows from a running gateway (which adds live status)."""
+    import msgspec
+
+    from gateway.catalog_report import catalog_rows, render_rows
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    if config.catalog is None:
+        print(f"orchgate models: {args.config} has no [catalog] section", file=sys.stderr)
+        return 2
+    rows, skipped = catalog_rows(config.catalog)
+    if args.json:
+        report = {"models": rows, "skipped": skipped}
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    else:
+        print(render_rows(rows, skipped))
+    return 0
 
 
 def _fit_table(shape: Any, fit: Any) -> str:
@@ -257,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", "-c", help="apply this config's [hardware] overrides")
     fit.add_argument("--json", action="store_true", help="print JSON")
     fit.set_defaults(func=_fit)
+    models = sub.add_parser("models", help="list what the config's [catalog] finds on disk")
+    models.add_argument("--config", "-c", required=True, help="path to orchgate.toml")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=_models)
     worker = sub.add_parser("npu-worker", help="run the bounded OpenVINO GenAI worker")
     from backends.npu_worker.cli import add_arguments, run
 

@@ -11,6 +11,7 @@ import enum
 import msgspec
 
 from backends.base import Endpoint
+from backends.registry import ENGINES
 from gateway.streaming import MESSAGES, OPENAI, RESPONSES, Dialect
 
 
@@ -38,7 +39,7 @@ class Relay(enum.Enum):
 class Route(msgspec.Struct, frozen=True):
     endpoint: Endpoint
     paths: tuple[str, ...]
-    required: tuple[str, ...] = ()  # body fields that must be present and not null
+    required: tuple[str, ...] = ()  # body fields that must be present and not null ("a|b")
     arrays: tuple[str, ...] = ()  # of those, the ones that must be arrays
     dialect: Dialect | None = None  # streams (``"stream": true``) are SSE in this dialect
     # the gateway may add stream_options.include_usage (OpenAI chat and completions only)
@@ -108,8 +109,8 @@ ROUTES: tuple[Route, ...] = (
     Route(
         Endpoint.RERANK,
         ("/v1/rerank", "/rerank"),
-        required=("query", "documents"),
-        arrays=("documents",),
+        required=("query", "documents|texts"),  # TEI's rerank says "texts"
+        arrays=("documents", "texts"),
     ),
     Route(Endpoint.TOKENIZE, ("/tokenize",)),
     Route(Endpoint.DETOKENIZE, ("/detokenize",)),
@@ -137,6 +138,15 @@ ROUTES: tuple[Route, ...] = (
 )
 
 BY_PATH: dict[str, Route] = {path: route for route in ROUTES for path in route.paths}
+# engines' own POST data routes served at the top level too, as one llama-server serves
+# them (its /completion, /infill...): every engine's ``native_routes`` marked "post" that
+# no route above already is
+NATIVE_PATHS = frozenset(
+    path
+    for engine in ENGINES.values()
+    for path, access in engine.native_routes.items()
+    if access == "post" and path not in BY_PATH
+)
 MULTIPART_PATHS = frozenset(
     path for route in ROUTES if route.body is Body.MULTIPART for path in route.paths
 )

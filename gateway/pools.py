@@ -6,6 +6,7 @@ the request path (``gateway.exchange``) and the lifecycle use them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Collection
 
 from backends.process import ManagedProcess
@@ -143,10 +144,17 @@ class PoolRuntime:
 
 class Hold:
     """A pool swapping its model in place (``swap_strategy = "replace"``): requests wait
-    here, within the pool's queue capacity and queue timeout, instead of failing."""
+    here, within the pool's queue capacity and queue timeout, instead of failing.
+    ``expected_s``: how long this pool's last swap took (a refusal's ``Retry-After`` is
+    what is left of it, not a constant)."""
 
-    __slots__ = ("released", "waiting")
+    __slots__ = ("expected_s", "released", "started", "waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, expected_s: float = 5.0) -> None:
         self.released = asyncio.Event()
         self.waiting = 0
+        self.expected_s = expected_s
+        self.started = time.monotonic()
+
+    def retry_after_s(self) -> float:
+        return max(1.0, self.expected_s - (time.monotonic() - self.started))

@@ -116,14 +116,19 @@ class GatewayState:
             return pool
         if hold.waiting >= pool.config.queue_capacity:
             pool.queue.rejected[QueueFull.reason] += 1
-            raise QueueFull("the pool's queue is full while it swaps its model", retry_after_s=5)
+            raise QueueFull(
+                "the pool's queue is full while it swaps its model",
+                retry_after_s=hold.retry_after_s(),
+            )
         hold.waiting += 1
         try:
             async with asyncio.timeout(pool.config.queue_timeout_s):
                 await hold.released.wait()
         except TimeoutError:
             pool.queue.rejected[QueueTimeout.reason] += 1
-            raise QueueTimeout("the pool is still swapping its model", retry_after_s=5) from None
+            raise QueueTimeout(
+                "the pool is still swapping its model", retry_after_s=hold.retry_after_s()
+            ) from None
         finally:
             hold.waiting -= 1
         settled = self.pools.get(pool.id)

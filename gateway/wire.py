@@ -31,6 +31,7 @@ class RoutingView(msgspec.Struct):
     input: msgspec.Raw = msgspec.Raw()
     query: msgspec.Raw = msgspec.Raw()  # rerank
     documents: msgspec.Raw = msgspec.Raw()  # rerank
+    texts: msgspec.Raw = msgspec.Raw()  # rerank, as Hugging Face TEI names the documents
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1)] | None = None  # Responses API
@@ -75,12 +76,17 @@ def parse_routing_view(body: bytes) -> RoutingView:
 
 
 def require(view: RoutingView, required: tuple[str, ...], arrays: tuple[str, ...] = ()) -> None:
-    """``required``: fields that must be present and not null, ``arrays`` those of them
-    that must be arrays (each endpoint's own, ``gateway.endpoints``)."""
-    for field in required:
-        raw: msgspec.Raw = getattr(view, field)
-        if not raw or bytes(raw) == b"null":
-            raise InvalidRequest(f"missing required field {field!r}", param=field)
+    """``required``: fields that must be present and not null (``"a|b"``: either), and
+    ``arrays`` those of them that must be arrays (each endpoint's own, ``gateway.endpoints``)."""
+    for wanted in required:
+        for field in wanted.split("|"):
+            raw: msgspec.Raw = getattr(view, field)
+            if raw and bytes(raw) != b"null":
+                break
+        else:
+            first = wanted.split("|")[0]
+            either = " or ".join(repr(f) for f in wanted.split("|"))
+            raise InvalidRequest(f"missing required field {either}", param=first)
         if field in arrays and not bytes(raw).startswith(b"["):
             raise InvalidRequest(f"{field!r} must be an array", param=field)
 

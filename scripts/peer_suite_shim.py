@@ -7,9 +7,10 @@ presets name live on a hub this machine cannot reach, and the prebuilt repacking
 on CPUs with AMX), then, by ``ORCHGATE_PEER_MODE``:
 
 * ``direct``: becomes that llama-server (``exec``);
-* ``through``: becomes ``orchgate serve`` on the port and host the suite asked for, with
-  one pool whose only replica is that llama-server, *managed* by orchgate on a free
-  loopback port: the same path an operator's launch recipe takes.
+* ``through``: starts that llama-server on a free loopback port (exiting as it does when
+  it refuses its flags, so the suite sees what it would see direct), then ``orchgate
+  serve`` on the port and host the suite asked for, with that llama-server as the one
+  replica of one pool.
 
 Set by ``scripts/peer_suite.py``: ``ORCHGATE_PEER_MODE``, ``ORCHGATE_PEER_LLAMA`` (the real
 binary), ``ORCHGATE_PEER_MODEL`` (the GGUF), ``ORCHGATE_PEER_WORK`` (a folder for configs).
@@ -19,8 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 # flags whose value names a model somewhere else: the local file replaces them
@@ -141,9 +146,67 @@ def main() -> None:
     if mode == "direct":
         os.execv(llama, [llama, *args])
     work = Path(os.environ.get("ORCHGATE_PEER_WORK", "/tmp/orchgate-peer"))
-    config, _ = gateway_config(args, seen, llama, work)
-    python = sys.executable
-    os.execv(python, [python, "-m", "gateway", "serve", "--config", str(config)])
+    config, launch = gateway_config(args, seen, llama, work)
+    raise SystemExit(_through(config, launch))
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when this shim dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _wait_healthy(engine: subprocess.Popen[bytes], port: str) -> None:
+    deadline = time.monotonic() + 60
+    while engine.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (OSError, ValueError):
+            time.sleep(0.05)
+
+
+def _through(config: Path, launch: list[str]) -> int:
+    """llama-server first, on the inner port: if it refuses its flags, this exits as it
+    did (the suite sees a server that died, as it would direct). Then orchgate in front,
+    with that llama-server as its replica; SIGTERM stops both."""
+    inner = config.read_text().split('url = "http://127.0.0.1:', 1)[1].split('"', 1)[0]
+    argv = [a.replace("{host}", "127.0.0.1").replace("{port}", inner) for a in launch]
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop(*_: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+
+    # from the first child on: the suite stops servers with SIGTERM, then SIGKILL after 5 s
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    engine = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+    children.append(engine)
+    _wait_healthy(engine, inner)
+    if engine.poll() is not None:
+        return engine.returncode
+    # the replica is not managed (no launch): the gateway relays to the engine started here
+    text = config.read_text()
+    text = text[: text.index("launch = ")]
+    config.write_text(text)
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        preexec_fn=_die_with_parent,
+    )
+    children.append(gateway)
+    while gateway.poll() is None and engine.poll() is None:
+        time.sleep(0.1)
+    stop()
+    for child in (gateway, engine):
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return gateway.returncode or 0
 
 
 if __name__ == "__main__":

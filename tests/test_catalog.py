@@ -166,3 +166,42 @@ def test_device_choice_prefers_the_least_loaded_gpu_that_fits() -> None:
     plan = choose_device(900 * MIB, budgets, residents)
     assert plan.verdict is Verdict.MAKE_ROOM and plan.device == "cuda:1" and plan.evict == ["b"]
     assert choose_device(1200 * MIB, budgets, residents).verdict is Verdict.IMPOSSIBLE
+
+
+def test_orchgate_models_prints_the_catalog_offline(
+    smollm2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    _tree(tmp_path / "models", smollm2)
+    config = tmp_path / "orchgate.toml"
+    config.write_text(
+        f'[catalog]\ndirs = ["{tmp_path / "models"}"]\n[[catalog.recipes]]\nengine = "llamacpp"\n'
+        'match = "smol*.gguf"\nctx = 2048\nlaunch = ["llama-server", "-m", "{model_path}", '
+        '"--port", "{port}"]\n'
+    )
+    assert main(["models", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("smol-copy "))
+    assert "available" in line and "Q4_1" in line and "2048" in line and "MiB" in line
+    assert "SmolLM2-135M-Instruct.Q4_1" in out  # glob is case-insensitive: it matches too
+    assert "suggested recipe launch: vllm serve" in out  # the config.json folders
+    assert "skipped" in out and "partial download" in out
+    assert main(["models", "--config", str(config), "--json"]) == 0
+    report = trees.msgspec.json.decode(capsys.readouterr().out)
+    assert {m["id"]: m["status"] for m in report["models"]}["broken"] == "failed"
+
+
+def test_fit_on_a_device_the_host_lacks_is_a_verdict_not_silence(
+    smollm2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    config = tmp_path / "orchgate.toml"
+    config.write_text("[hardware]\ngpus = []\n")  # a host without GPUs, whatever this one has
+    code = main(["fit", str(smollm2), "--device", "cuda", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert code == 1 and "does NOT fit: no GPU found" in out
+    assert main(["fit", str(smollm2), "--device", "cuda", "--config", str(config), "--json"]) == 1
+    report = trees.msgspec.json.decode(capsys.readouterr().out)
+    assert report["fits"] is False and report["problem"] == "no GPU found"

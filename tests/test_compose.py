@@ -42,6 +42,23 @@ def test_the_stack_has_every_part_with_its_accelerator() -> None:
     assert (REPO / "Dockerfile").is_file()
 
 
+def test_the_gpu_override_gives_the_gateway_nvml_and_merges_validly() -> None:
+    """``compose.gpu.yaml`` adds the NVIDIA ``utility`` capability (NVML, no compute) to
+    the gateway; merged over compose.yaml the stack is still valid."""
+    override = yaml.safe_load((REPO / "compose.gpu.yaml").read_text())
+    devices = override["services"]["orchgate"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["utility"]}]
+    merged = json.loads(json.dumps(COMPOSE))
+    merged["services"]["orchgate"].update(override["services"]["orchgate"])
+    merged["services"]["orchgate"]["environment"] = {
+        **COMPOSE["services"]["orchgate"]["environment"],
+        **override["services"]["orchgate"]["environment"],
+    }
+    validator = jsonschema_rs.validator_for(SCHEMA)
+    assert [e.message for e in validator.iter_errors(merged)] == []
+    assert validator.is_valid(override)
+
+
 def _bind_mounts() -> list[tuple[Path, str]]:
     mounts = []
     for service in COMPOSE["services"].values():

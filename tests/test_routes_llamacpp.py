@@ -178,7 +178,7 @@ def test_rerank_without_reranking_is_the_engines_answer_and_no_ejection(
         answer = httpx.post(gateway.url + "/v1/rerank", json=body, headers=AUTH)
         assert answer.status_code == 501
         assert answer.headers["x-orchgate-attempts"] == "1"  # never retried
-        assert answer.json()["error"]["code"] == "not_supported_error"
+        assert answer.json()["error"]["type"] == "not_supported_error"  # llama.cpp's own
     health = httpx.get(gateway.url + "/v1/pools/chat/health", headers=AUTH).json()
     assert health["ready"] is True
 
@@ -211,3 +211,52 @@ def test_upstream_passthrough_reaches_listed_native_routes_only(gateway: Gateway
     assert httpx.post(url + "/props", json={}, headers=ADMIN).status_code == 405
     assert httpx.get(gateway.url + "/upstream/nope/props", headers=ADMIN).status_code == 404
     assert httpx.post(url + "/completion", json={"prompt": "x"}).status_code == 401
+
+
+def test_llama_servers_own_post_routes_at_the_top_level(gateway: Gateway) -> None:
+    """A client written for one llama-server calls its routes without a model: they reach
+    the default pool's engine, admitted like any request (llama.cpp's server suite)."""
+    completion = httpx.post(
+        gateway.url + "/completion", json={"prompt": "Once", "n_predict": 2}, headers=AUTH,
+        timeout=30,
+    )  # fmt: skip
+    assert completion.status_code == 200 and "content" in completion.json()
+    assert completion.headers["x-orchgate-replica"] == "llama0"
+    messages = [{"role": "user", "content": "hi"}]
+    template = httpx.post(gateway.url + "/apply-template", json={"messages": messages},
+                          headers=AUTH)  # fmt: skip
+    assert template.status_code == 200 and "<|im_start|>" in template.json()["prompt"]
+    counted = httpx.post(
+        gateway.url + "/v1/chat/completions/input_tokens", json={"messages": messages},
+        headers=AUTH,
+    )  # fmt: skip
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 3
+    # X-Api-Key is a credential on every data route, as llama-server takes it
+    keyed = httpx.post(gateway.url + "/completion", json={"prompt": "A", "n_predict": 1},
+                       headers={"X-Api-Key": TOKEN}, timeout=30)  # fmt: skip
+    assert keyed.status_code == 200
+    assert httpx.post(gateway.url + "/completion", json={"prompt": "A"}).status_code == 401
+    assert httpx.get(gateway.url + "/completion", headers=AUTH).status_code == 405
+
+
+def test_context_overflow_is_llamacpps_own_error_with_its_numbers(gateway: Gateway) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}
+    answer = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=AUTH,
+                        timeout=60)  # fmt: skip
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "exceed_context_size_error"
+    assert error["n_prompt_tokens"] > error["n_ctx"] > 0
+    assert error["code"] is None  # llama.cpp's integer status: typed clients want a string
+
+
+def test_rerank_accepts_tei_texts(gateway: Gateway) -> None:
+    body = {"model": MODEL, "query": "colour", "texts": ["red", "car"]}
+    answer = httpx.post(gateway.url + "/rerank", json=body, headers=AUTH)
+    assert answer.status_code == 501  # the engine's verdict (no --reranking), not a 400 here
+    missing = httpx.post(gateway.url + "/rerank", json={"model": MODEL, "query": "q"},
+                         headers=AUTH)  # fmt: skip
+    assert (
+        missing.status_code == 400
+        and "'documents' or 'texts'" in missing.json()["error"]["message"]
+    )

@@ -231,3 +231,15 @@ def test_worker_answers_pass_through_and_device_failures_are_not_retried(
     ]
     assert len(seen) == 4  # one generation per call: nothing retried
     assert all(r.headers["x-orchgate-attempts"] == "1" for r in replies[1:])
+
+
+def test_engine_native_top_level_routes_need_an_engine_that_has_them(gw: Gateway) -> None:
+    """``/completion`` and its kin are llama-server's: on an ``openai`` pool they are a 404
+    that names the route, before admission (no slot, no attempt)."""
+    for path in ("/completion", "/infill", "/apply-template"):
+        answer = httpx.post(gw.url + path, json={"prompt": "x"}, timeout=5)
+        assert answer.status_code == 404, path
+        error = answer.json()["error"]
+        assert error["code"] == "endpoint_not_supported" and path in error["message"]
+    assert httpx.post(gw.url + "/completion", json={"model": "zz"}).status_code == 404
+    assert gw.slots_in_use() == 0

@@ -94,6 +94,7 @@ class Lifecycle:
         self._retire_tasks: set[asyncio.Task[None]] = set()
         self._starting: set[Change] = set()  # changes whose new set is not switched to yet
         self.progress: dict[str, dict[str, Any]] = {}  # per pool: the last reload, for /v1/status
+        self.swap_seconds: dict[str, float] = {}  # per pool: how long its last swap took
 
     # -- pool reload ---------------------------------------------------------------------
     async def reload_pool(
@@ -312,6 +313,7 @@ class Lifecycle:
             results[change.pool_id] = self._result(change, duration_ms, warnings)
             if change.target is not None:
                 self._progress(change, "swapped", duration_ms=duration_ms)
+                self.swap_seconds[change.pool_id] = duration_ms / 1000
             self.webhooks.emit("swap_complete", self._event(change, trigger, duration_ms))
             log.info(
                 "pool %s %s in %.0f ms (%s)",
@@ -324,7 +326,8 @@ class Lifecycle:
 
     async def _start(self, change: Change) -> None:
         if change.strategy == "replace":
-            await replace_in_place(self.state, change, self._progress)
+            expected = self.swap_seconds.get(change.pool_id, 5.0)
+            await replace_in_place(self.state, change, self._progress, expected)
         else:
             await bring_up(change, self._progress)
 

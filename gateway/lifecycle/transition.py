@@ -71,7 +71,10 @@ async def bring_up(change: Change, on_phase: Callable[[Change, str], None]) -> N
 
 
 async def replace_in_place(
-    state: GatewayState, change: Change, on_phase: Callable[[Change, str], None]
+    state: GatewayState,
+    change: Change,
+    on_phase: Callable[[Change, str], None],
+    expected_s: float = 5.0,
 ) -> None:
     """``swap_strategy = "replace"``, for hosts that cannot run both sets at once: new
     requests wait (``GatewayState.settled``), the old set finishes what it holds (at most
@@ -79,7 +82,7 @@ async def replace_in_place(
     gated. On failure the caller restores the old set (``restore``)."""
     old = change.old
     assert old is not None
-    state.holds[change.pool_id] = Hold()
+    state.holds[change.pool_id] = Hold(expected_s)
     on_phase(change, "draining")
     await _let_finish(old, "the pool is swapping its model")
     on_phase(change, "stopping")

@@ -34,6 +34,7 @@ from gateway.auth import TokenCheck
 from gateway.dispatch import Committed
 from gateway.endpoints import Body, Relay, Route, Surface
 from gateway.errors import (
+    EndpointNotServed,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -164,6 +165,17 @@ class _Plan:
         self.open_reader = open_reader
 
 
+def credential(scope: dict[str, Any]) -> bytes | None:
+    """The data token as a client sent it: ``Authorization: Bearer``, or ``X-Api-Key`` (how
+    Anthropic's SDKs send it; llama-server accepts it on every route too)."""
+    authorization = header(scope, b"authorization")
+    if authorization is None:
+        api_key = header(scope, b"x-api-key")
+        if api_key is not None:
+            return b"Bearer " + api_key
+    return authorization
+
+
 def _plan(
     route: Route,
     view: RoutingView,
@@ -218,7 +230,7 @@ class OpenAIProxy:
         try:
             if scope["method"] not in ("GET", "HEAD"):
                 raise MethodNotAllowed("use GET for this route", headers=_ALLOW_GET)
-            self.auth.check(header(scope, b"authorization"))
+            self.auth.check(credential(scope))
             body = self.state.model_bodies.get(name) if name else self.state.models_body
             if body is None:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="model")
@@ -271,12 +283,7 @@ class OpenAIProxy:
                 self.log.write(ex.record(scope))
 
     def _authenticate(self, surface: Surface, scope: dict[str, Any]) -> None:
-        authorization = header(scope, b"authorization")
-        if authorization is None and surface is Surface.ANTHROPIC:
-            api_key = header(scope, b"x-api-key")  # how Anthropic's SDKs send the key
-            if api_key is not None:
-                authorization = b"Bearer " + api_key
-        self.auth.check(authorization)
+        self.auth.check(credential(scope))
 
     async def _prepare(
         self, route: Route, scope: dict[str, Any], receive: Any, rid: str, ex: Exchange
@@ -409,7 +416,7 @@ class OpenAIProxy:
     ) -> None:
         method = scope["method"]
         pool, native, access = self._native_target(scope["path"])
-        authorization = header(scope, b"authorization")
+        authorization = credential(scope)
         if access == "admin-get":
             self.auth.check_admin(authorization)
         else:
@@ -436,13 +443,58 @@ class OpenAIProxy:
             await send_bytes(send, status, raw, headers, kind)
             return
         body = await read_body(scope, receive, self.max_body)
+        await self._native_post(pool, native, body, scope, receive, send, headers, ex)
+
+    async def _native_post(
+        self,
+        pool: PoolRuntime,
+        native: str,
+        body: bytes,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        headers: Headers,
+        ex: Exchange,
+    ) -> None:
+        """An engine-native POST (``/completion``...): admitted, placed and retried like any
+        request; a stream is relayed as the engine writes it."""
         view = parse_routing_view(body)
         stream = bool(view.stream)
-        make_call = call_factory(pool, Endpoint.NATIVE, body, view.model, stream, rid, path=native)
+        make_call = call_factory(
+            pool, Endpoint.NATIVE, body, view.model, stream, ex.rid, path=native
+        )
         plan = _Plan(pool, parse_priority(header(scope, b"x-priority")), make_call)
         if stream:
             plan.relay, plan.open_reader = Relay.RAW, RawReader
         await self._relay(plan, scope, receive, send, headers, ex)
+
+    # -- engine-native POST routes at the top level (a drop-in for one llama-server) -----
+    async def native(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """``POST /completion``, ``/infill``, ``/apply-template``, ``/embedding``,
+        ``/reranking``: llama-server's own data routes, for the body's ``model`` (or the
+        default) when its pool's engine has that route -- what a client written for one
+        llama-server calls. Introspection (``/props``, ``/slots``) stays behind
+        ``/upstream/{model}/...`` and the admin token."""
+
+        async def serve(headers: Headers, ex: Exchange) -> None:
+            path = scope["path"]
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"use POST for {path}", headers=_ALLOW_POST)
+            self.auth.check(credential(scope))
+            body = await read_body(scope, receive, self.max_body)
+            model = parse_routing_view(body).model or self.state.default_model()
+            pool = ex.bind(self.state.pool_for(model))
+            if self.state.holds:
+                pool = await ex.settle(pool, self.state)
+            if pool.native_routes.get(path) != "post":
+                raise EndpointNotServed(
+                    f"{path} is an engine route of llama.cpp pools; pool {pool.id!r} "
+                    f"({pool.engine}) has no such route",
+                    param="model",
+                )
+            await self._native_post(pool, path, body, scope, receive, send, headers, ex)
+
+        await self._serve(Surface.OPENAI, scope, send, serve)
 
 
 # -- relays --------------------------------------------------------------------------------
