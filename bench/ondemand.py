@@ -174,6 +174,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             async with httpx.AsyncClient(timeout=300) as http:
                 for _ in range(600):
+                    if gateway.poll() is not None:
+                        raise RuntimeError(
+                            f"orchgate exited: {(Path(tmp) / 'gateway.log').read_text()}"
+                        )
                     try:
                         if (await http.get(url + "/health")).status_code == 200:
                             break

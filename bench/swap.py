@@ -135,7 +135,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     variant = "b" if i % 2 == 0 else "default"
                     started = time.monotonic()
                     answer = await http.post(
-                        f"{url}/v1/pools/chat/reload", json={"variant": variant}
+                        f"{url}/v1/pools/chat/reload?wait=true", json={"variant": variant}
                     )
                     ended = time.monotonic()
                     swaps.append(

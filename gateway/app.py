@@ -32,6 +32,7 @@ from gateway.errors import (
 )
 from gateway.frontdoor import FrontDoorLimits, FrontDoorProtocol, protocol_for
 from gateway.guard import RequestGuard
+from gateway.jobs import JobBook
 from gateway.lifecycle import Lifecycle
 from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
@@ -160,15 +161,19 @@ def create_app(
     state.tasks.log = access_log
     proxy = OpenAIProxy(state, auth, access_log)
     webhooks = Webhooks(config.webhooks)
+    jobs = JobBook()  # loads, unloads and reloads, all behind GET /v1/jobs/{id}
     lifecycle = Lifecycle(
         state,
         auth=auth,
         webhooks=webhooks,
         reservations=ReservationBook(),
         config_path=config_path,
+        jobs=jobs,
     )
     residency = (
-        Residency(state, config.catalog, webhooks=webhooks, hardware=detect(config.hardware))
+        Residency(
+            state, config.catalog, webhooks=webhooks, jobs=jobs, hardware=detect(config.hardware)
+        )
         if config.catalog is not None
         else None
     )
@@ -224,7 +229,7 @@ def create_app(
             *_openai_routes(proxy),
             *control_handlers(state, lifecycle, guards=[require_token]),
             *lifecycle_handlers(lifecycle, guards=[require_token], admin=[require_admin]),
-            *catalog_handlers(residency, guards=[require_token], admin=[require_admin]),
+            *catalog_handlers(residency, jobs, guards=[require_token], admin=[require_admin]),
             task_router(state, state.tasks, guards=[require_token]),
             openapi,
         ],

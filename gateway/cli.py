@@ -25,8 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
         config = _rebind(config, args.bind)
         if config is None:
             return 2
-    if not config.pools:
-        print("orchgate: the config defines no [[pools]]; nothing to serve", file=sys.stderr)
+    if not config.pools and config.catalog is None:
+        print(
+            "orchgate: the config defines no [[pools]] and no [catalog]; nothing to serve",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(args.log_level.upper())
     app = create_app(config, config_path=Path(args.config) if args.config else None)
@@ -115,8 +118,14 @@ def _check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     replicas = sum(len(p.replicas) for p in config.pools)
+    catalog = config.catalog
+    recipes = (
+        f", catalog of {len(catalog.dirs)} folders, {len(catalog.recipes)} recipes"
+        if catalog
+        else ""
+    )
     print(
-        f"{args.config}: OK ({len(config.pools)} pools, {replicas} replicas, "
+        f"{args.config}: OK ({len(config.pools)} pools, {replicas} replicas{recipes}, "
         f"bind {config.server.bind}, auth {'on' if config.auth.token else 'off'})"
     )
     return 0

@@ -1,8 +1,9 @@
-"""Jobs: long lifecycle actions (load, unload) answered at once with an id to follow.
+"""Jobs: long lifecycle actions (load, unload, pool reload) answered at once with an id.
 
-``POST /v1/models/{id}/load`` answers ``202`` with a job; ``GET /v1/jobs/{id}`` shows its
-phase (queued, starting, loading, warming_up, ready / unloading, unloaded / failed) and
-how long each phase took. The book keeps the last ``MAX_JOBS``; an older id is a 404.
+``POST /v1/models/{id}/load`` and ``POST /v1/pools/{id}/reload`` answer ``202`` with a job;
+``GET /v1/jobs/{id}`` shows its phase (queued, starting, loading, warming_up, ready or
+swapped / draining, unloading, unloaded / failed) and how long each phase took. The book
+keeps the last ``MAX_JOBS``; an older id is a 404.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from typing import Any
 
 MAX_JOBS = 512
-DONE_PHASES = frozenset({"ready", "unloaded", "failed"})
+DONE_PHASES = frozenset({"ready", "unloaded", "swapped", "failed"})
 
 
 class Job:
@@ -22,8 +23,8 @@ class Job:
 
     def __init__(self, kind: str, model: str) -> None:
         self.id = uuid.uuid4().hex
-        self.kind = kind  # "load" | "unload"
-        self.model = model
+        self.kind = kind  # "load" | "unload" | "reload"
+        self.model = model  # the model (a reload: the pool)
         self.created_at = time.time()
         self.phase = "queued"
         self.phases: list[tuple[str, float]] = [("queued", time.monotonic())]

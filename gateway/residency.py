@@ -142,6 +142,7 @@ class Residency:
         catalog: CatalogConfig,
         *,
         webhooks: Webhooks,
+        jobs: JobBook | None = None,
         hardware: HardwareProfile | None = None,
         clock: Any = time.monotonic,
     ) -> None:
@@ -152,7 +153,7 @@ class Residency:
         self.clock = clock
         self.models: dict[str, CatalogModel] = {}
         self.skipped: list[Skipped] = []
-        self.jobs = JobBook()
+        self.jobs = jobs or JobBook()
         self.budgets = self._budgets()
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (event, model, label)
         self.load_seconds: dict[str, list[float]] = {}  # model -> [sum, count]

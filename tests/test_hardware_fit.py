@@ -269,7 +269,9 @@ def test_a_reload_that_cannot_fit_the_gpu_is_refused_before_anything_starts(
     )
     body = {"variant": "gpu"}
     with gateway_process(config, port, env=nvml_env(nvml_dir, gpus)) as gw:
-        refused = httpx.post(gw.url + "/v1/pools/p/reload", json=body, headers=ADMIN, timeout=60)
+        refused = httpx.post(
+            gw.url + "/v1/pools/p/reload?wait=true", json=body, headers=ADMIN, timeout=60
+        )
         assert refused.status_code == 409, refused.text
         answer = refused.json()
         assert answer["error"]["code"] == "insufficient_vram"

@@ -321,7 +321,7 @@ def _alive(pid: int) -> bool:
 
 
 def reload(url: str, body: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/v1/pools/chat/reload", json=body, headers=ADMIN, timeout=90)
+    return httpx.post(f"{url}/v1/pools/chat/reload?wait=true", json=body, headers=ADMIN, timeout=90)
 
 
 _NOWHERE = 'id = "r0"\nengine = "llamacpp"\nurl = "http://127.0.0.1:1"\n'

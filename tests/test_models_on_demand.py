@@ -264,3 +264,29 @@ def test_admin_jobs_load_and_unload(room_for_one: Gateway) -> None:
     beta = next(m for m in catalog["models"] if m["id"] == "beta")
     assert beta["memory"]["kv_cache_bytes"] > 0 and beta["engine"] == "llamacpp"
     assert any("notes.txt" not in s["path"] for s in catalog["skipped"]) or catalog["skipped"] == []
+
+
+def test_task_api_and_anthropic_surface_load_on_demand(room_for_one: Gateway) -> None:
+    """Either surface starts a catalog model: a task's 202 predicts the load in its
+    ``predicted_start_ms``, then its events run to the end; Anthropic's messages too."""
+    from tests.test_tasks_api import read_events
+
+    gw = room_for_one
+    submitted = httpx.post(
+        gw.url + "/v1/tasks",
+        json={"model_ref": "alpha", "prompt": "The sea is", "max_tokens": 6},
+        timeout=30,
+    )
+    assert submitted.status_code == 202
+    accepted = submitted.json()
+    assert accepted["queue_position"] >= 1 and accepted["predicted_start_ms"] >= 1000
+    events = read_events(gw, accepted["task_id"])
+    assert events[0][0] == "started" and events[-1][0] == "end"
+    assert events[-1][1]["tokens_out"] > 0
+    message = httpx.post(
+        gw.url + "/v1/messages",
+        json={"model": "b", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=120,
+    )
+    assert message.status_code == 200 and message.json()["type"] == "message"
+    assert listed(gw)["beta"]["status"] == "loaded" and listed(gw)["alpha"]["status"] != "loaded"

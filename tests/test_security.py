@@ -243,8 +243,15 @@ def test_roles_who_can_do_what(locked_gw: GatewayProcess) -> None:
     forced = httpx.delete(url + "/v1/pools/p/reservation?force=true", headers=admin)
     assert forced.status_code == 204
     swap = httpx.post(url + "/v1/pools/p/reload", json={"variant": "two"}, headers=admin)
-    assert swap.status_code == 200, swap.text
-    back = httpx.post(url + "/v1/pools/p/reload", json={"variant": "default"}, headers=admin)
+    assert swap.status_code == 202, swap.text  # a job, followed with the data token too
+    job_url = url + swap.headers["location"]
+    assert wait_until(lambda: httpx.get(job_url, headers=data).json()["phase"] == "swapped")
+    job = httpx.get(job_url, headers=data).json()
+    phases = [step["phase"] for step in job["phases"]]
+    assert phases[0] == "queued" and "warming_up" in phases and phases[-1] == "swapped"
+    assert job["kind"] == "reload" and job["result"]["variant"] == "two"
+    back = httpx.post(url + "/v1/pools/p/reload?wait=true", json={"variant": "default"},
+                      headers=admin)  # fmt: skip
     assert back.status_code == 200
 
 
@@ -494,15 +501,17 @@ def test_null_stream_options_does_not_duplicate_the_key(
 
 def test_webhook_urls_are_redacted_in_logs(locked_gw: GatewayProcess) -> None:
     swap = httpx.post(
-        locked_gw.url + "/v1/pools/p/reload", json={"variant": "two"}, headers=bearer(ADMIN_T)
-    )
+        locked_gw.url + "/v1/pools/p/reload?wait=true", json={"variant": "two"},
+        headers=bearer(ADMIN_T),
+    )  # fmt: skip
     assert swap.status_code == 200
     assert wait_until(lambda: "webhook swap_complete" in locked_gw.log(), timeout=10)
     assert "XOXB-SECRET-PART" not in locked_gw.log()
     assert "/services/…" in locked_gw.log()
     httpx.post(
-        locked_gw.url + "/v1/pools/p/reload", json={"variant": "default"}, headers=bearer(ADMIN_T)
-    )
+        locked_gw.url + "/v1/pools/p/reload?wait=true", json={"variant": "default"},
+        headers=bearer(ADMIN_T),
+    )  # fmt: skip
 
 
 def test_npu_worker_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:

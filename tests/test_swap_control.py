@@ -112,7 +112,7 @@ def gateway(tmp_path: Path, upstream: str, **kwargs: Any) -> Any:
 
 def reload(url: str, body: Any = None, token: str | None = None) -> httpx.Response:
     headers = {**ADMIN, "X-Reservation-Token": token} if token else ADMIN
-    return httpx.post(f"{url}/v1/pools/p/reload", json=body, headers=headers, timeout=30)
+    return httpx.post(f"{url}/v1/pools/p/reload?wait=true", json=body, headers=headers, timeout=30)
 
 
 def config_reload(url: str) -> httpx.Response:

@@ -28,11 +28,13 @@ from gateway.config import (
 )
 from gateway.errors import (
     Conflict,
+    GatewayError,
     InvalidConfigError,
     LockedError,
     NotFound,
     ReloadFailedError,
 )
+from gateway.jobs import Job, JobBook
 from gateway.lifecycle.preflight import check_fit, nvml_free_vram, relocate_ports
 from gateway.lifecycle.transition import (
     BringUpFailed,
@@ -82,8 +84,11 @@ class Lifecycle:
         reservations: ReservationBook,
         config_path: Path | None = None,
         free_vram: Callable[[int], tuple[int, int] | None] | None = None,
+        jobs: JobBook | None = None,
     ) -> None:
         self.state = state
+        self.jobs = jobs or JobBook()
+        self._jobs: dict[str, Job] = {}  # pool -> the reload job running for it
         self.auth = auth
         self.webhooks = webhooks
         self.reservations = reservations
@@ -118,6 +123,40 @@ class Lifecycle:
                 pools = [target if p.id == pool_id else p for p in self.file_config.pools]
                 self.file_config = msgspec.structs.replace(self.file_config, pools=pools)
             return results[pool_id]
+
+    def start_reload(self, pool_id: str, request: ReloadRequest | None, token: str | None) -> Job:
+        """The reload as a job, answered at once: what can be refused now is (404, 409,
+        423); the rest -- and the outcome -- is the job's (``GET /v1/jobs/{id}``)."""
+        pool = self.state.pools.get(pool_id)
+        if pool is None:
+            raise NotFound(f"no pool {pool_id!r}", param="pool_id")
+        if pool.on_demand:
+            raise Conflict(
+                f"pool {pool_id!r} is a catalog model: POST /v1/models/{{id}}/load or /unload"
+            )
+        self._check_reservation(pool_id, token)
+        self._exclusive()  # a reload already running: 409 now, not a failed job later
+        job = self.jobs.create("reload", pool_id)
+        job.result["pool"] = pool_id
+
+        async def run() -> None:
+            self._jobs[pool_id] = job
+            try:
+                result = await self.reload_pool(pool_id, request, token)
+                job.advance("swapped", result=result)
+            except GatewayError as exc:
+                job.result["result"] = exc.envelope()
+                job.fail(exc.message)
+            except Exception as exc:  # a bug: the job says so, the gateway goes on
+                log.exception("reload job failed")
+                job.fail(f"internal error: {type(exc).__name__}")
+            finally:
+                self._jobs.pop(pool_id, None)
+
+        task = asyncio.create_task(run(), name=f"reload-job:{pool_id}")
+        self._retire_tasks.add(task)
+        task.add_done_callback(self._retire_tasks.discard)
+        return job
 
     async def _target(self, pool: PoolRuntime, request: ReloadRequest) -> tuple[PoolConfig, str]:
         if request.variant is not None and request.new_model_ref is not None:
@@ -402,6 +441,9 @@ class Lifecycle:
             )
         record["state"] = phase
         record.update(fields)
+        job = self._jobs.get(change.pool_id)
+        if job is not None and phase not in ("swapped", "failed"):  # run() ends the job
+            job.advance(phase)
 
     def _result(self, change: Change, duration_ms: float, warnings: list[str]) -> dict[str, Any]:
         old = change.old

@@ -3,6 +3,7 @@
 ``POST /v1/models/{id}/load``     202 + a job (``?wait=true``: answers when it is done)
 ``POST /v1/models/{id}/unload``   202 + a job; in-flight requests finish first
 ``GET /v1/jobs/{id}`` / ``GET /v1/jobs``   a job's phases and timings / the recent ones
+                                  (loads, unloads and pool reloads)
 ``GET /v1/catalog`` (admin)       every catalog model with its metadata, memory estimate,
                                   status and suggested launch flags; what was skipped
 ``POST /v1/catalog/rescan``       scan the catalog folders again
@@ -19,7 +20,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.jobs import Job
+from gateway.jobs import Job, JobBook
 from gateway.residency import Residency
 
 _ACTIONS = ("load", "unload")
@@ -43,8 +44,10 @@ def _start(catalog: Residency, rest: str) -> Job:
 
 
 def catalog_handlers(
-    residency: Residency | None, *, guards: list[Any], admin: list[Any]
+    residency: Residency | None, jobs: JobBook, *, guards: list[Any], admin: list[Any]
 ) -> list[Any]:
+    book = jobs
+
     def owner() -> Residency:
         if residency is None:
             raise NotFound("this gateway has no [catalog]; models come from [[pools]] only")
@@ -59,14 +62,14 @@ def catalog_handlers(
 
     @get("/v1/jobs/{job_id:str}", guards=guards)
     async def job(job_id: str) -> dict[str, Any]:
-        found = owner().jobs.get(job_id)
+        found = book.get(job_id)
         if found is None:
             raise NotFound(f"no job {job_id!r} (finished jobs are kept for a while)")
         return found.view()
 
     @get("/v1/jobs", guards=guards)
-    async def jobs() -> dict[str, Any]:
-        return {"object": "list", "data": [j.view() for j in owner().jobs.recent()]}
+    async def recent_jobs() -> dict[str, Any]:
+        return {"object": "list", "data": [j.view() for j in book.recent()]}
 
     @get("/v1/catalog", guards=admin)  # file paths and memory: the operator's view
     async def catalog() -> dict[str, Any]:
@@ -76,4 +79,4 @@ def catalog_handlers(
     async def rescan() -> dict[str, Any]:
         return await owner().rescan()
 
-    return [model_action, job, jobs, catalog, rescan]
+    return [model_action, job, recent_jobs, catalog, rescan]

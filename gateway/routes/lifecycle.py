@@ -101,12 +101,16 @@ def lifecycle_handlers(lifecycle: Lifecycle, *, guards: list[Any], admin: list[A
     token (anything that changes what runs)."""
     hardware_cache = _HardwareCache()
 
-    @post("/v1/pools/{pool_id:str}/reload", guards=admin, status_code=200)
-    async def reload_pool(pool_id: str, request: Request[Any, Any, Any]) -> dict[str, Any]:
-        """Blue-green swap; answers when the new set serves (or with why it did not)."""
+    @post("/v1/pools/{pool_id:str}/reload", guards=admin, status_code=202)
+    async def reload_pool(pool_id: str, request: Request[Any, Any, Any]) -> Response[Any]:
+        """Blue-green swap. Answers ``202`` with a job at once (``GET /v1/jobs/{id}``);
+        ``?wait=true``: when the new set serves (200), or with why it did not (409)."""
         body: ReloadRequest | None = _decode_reload(await request.body())
         token = request.headers.get(TOKEN_HEADER)
-        return await lifecycle.reload_pool(pool_id, body, token)
+        if _flag(request, "wait"):
+            return Response(await lifecycle.reload_pool(pool_id, body, token), status_code=200)
+        job = lifecycle.start_reload(pool_id, body, token)
+        return Response(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
     @post("/v1/config/reload", guards=admin, status_code=200)
     async def reload_config(request: Request[Any, Any, Any]) -> dict[str, Any]:
