@@ -3,6 +3,7 @@ only; behaviour lives in the modules it wires."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -195,6 +196,12 @@ def create_app(
         await state.start()
         if residency is not None:
             await residency.start()
+        # Everything alive now (modules, Litestar's app, config, adapters) lives as long as
+        # the process: out of the collector's sight, a full collection scans only what came
+        # after. Measured at 32 concurrent requests: gen-2 pauses of ~28 ms -> the c=32 p99
+        # from 30 ms back to 6 ms (bench/, "Performance").
+        gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
         try:
             yield
         finally:
@@ -274,6 +281,9 @@ def create_app(
     )
 
 
+# gen-0 every 7,000 net allocations instead of 700: with 32 requests in flight most of a
+# request's objects die before a collection sees them (fewer promoted, less to scan later)
+_GC_THRESHOLDS = (7000, 10, 10)
 _encoder = msgspec.json.Encoder()
 _QUIET_PATHS = frozenset({"/health", "/metrics"})
 _MODEL_PREFIXES = ("/v1/models/", "/models/")

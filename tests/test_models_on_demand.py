@@ -184,7 +184,19 @@ def test_two_models_in_room_for_one_take_turns_with_zero_failures(room_for_one: 
 
 
 def test_idle_ttl_stops_the_process(models_dir: Path, tmp_path: Path) -> None:
-    config = catalog(models_dir, memory_mib=4096, models={"alpha": {"idle_ttl_s": 1.5}})
+    from tests.conftest import serve_aiohttp
+    from tests.test_swap_control import SECRET, Receiver
+
+    hook = Receiver()
+    with serve_aiohttp(hook.app) as receiver:
+        config = catalog(models_dir, memory_mib=4096, models={"alpha": {"idle_ttl_s": 1.5}})
+        config["webhooks"] = [{"url": receiver.url + "/hook", "secret": SECRET}]
+        _idle_ttl(config, tmp_path, hook)
+
+
+def _idle_ttl(config: dict[str, Any], tmp_path: Path, hook: Any) -> None:
+    import msgspec
+
     with run_gateway(config, tmp_path) as gw:
         chat(gw, "alpha")
         alpha = residency(gw).models["alpha"]
@@ -192,8 +204,14 @@ def test_idle_ttl_stops_the_process(models_dir: Path, tmp_path: Path) -> None:
         wait_for(lambda: alpha.status == "unloaded", timeout=10)
         assert not port_open(alpha.port)  # the process is gone, not just unlisted
         assert residency(gw).counts["unload", "alpha", "idle"] == 1
-        assert gw.state.model_states()["alpha"] == "Unloaded"
+        assert gw.state.model_states()["alpha"] == "Retired"  # SPEC's two states
         assert chat(gw, "alpha")  # and it comes back on the next request
+        wait_for(lambda: len(hook.accepted) >= 3)
+        events = [msgspec.json.decode(body) for _, body in hook.accepted]
+        assert [e["event"] for e in events[:3]] == [
+            "model_loaded", "model_unloaded", "model_loaded"
+        ]  # fmt: skip
+        assert events[1]["reason"] == "idle" and events[0]["load_ms"] > 0
 
 
 def test_damaged_models_answer_503_and_leave_the_running_model_alone(
@@ -290,3 +308,22 @@ def test_task_api_and_anthropic_surface_load_on_demand(room_for_one: Gateway) ->
     )
     assert message.status_code == 200 and message.json()["type"] == "message"
     assert listed(gw)["beta"]["status"] == "loaded" and listed(gw)["alpha"]["status"] != "loaded"
+
+
+def test_explicit_pools_coexist_and_keep_their_names(
+    models_dir: Path, tmp_path: Path, llama_server: Any
+) -> None:
+    from tests.conftest import pool
+
+    config = catalog(models_dir, memory_mib=4096, models={"beta": {"aliases": ["fixed"]}})
+    config["pools"] = [
+        pool("fixed", ["fixed"], [{"id": "llama0", "engine": "llamacpp", "url": llama_server.url}])
+    ]
+    with run_gateway(config, tmp_path) as gw:
+        models = listed(gw)
+        assert models["fixed"]["pool"] == "fixed" and "status" not in models["fixed"]
+        assert "beta" not in models  # its alias is an explicit pool's name: skipped, said why
+        skipped = httpx.get(gw.url + "/v1/catalog", headers=ADMIN, timeout=5).json()["skipped"]
+        assert any("'fixed' is already served" in s["reason"] for s in skipped)
+        assert chat(gw, "fixed") and chat(gw, "alpha")
+        assert gw.state.pools["fixed"].on_demand is False
