@@ -55,6 +55,7 @@ class ModelShape(msgspec.Struct, frozen=True):
     vision: bool = False
     experts: int = 0  # mixture of experts: experts per layer, and used per token
     experts_used: int = 0
+    expert_bytes: int = 0  # of weights_bytes, the expert tensors' (ffn_*_exps)
     kind: str = "model"  # GGUF general.type: "model", "mmproj", "adapter"
 
     @property
@@ -132,6 +133,7 @@ def _from_gguf(path: str, size: int, mtime_ns: int) -> ModelShape:
         pooling=field(f"{arch}.pooling_type") is not None or arch in _EMBEDDING_ARCHS,
         experts=int(field(f"{arch}.expert_count", 0) or 0),
         experts_used=int(field(f"{arch}.expert_used_count", 0) or 0),
+        expert_bytes=sum(t.nbytes() for t in tensors if "_exps" in t.name),
         kind=str(field("general.type", "model")),
     )
 
@@ -219,6 +221,7 @@ def _from_config(path: Path) -> ModelShape:
         vision="vision_config" in config,
         experts=experts if experts > 1 else 0,
         experts_used=int(config.get("num_experts_per_tok") or 0) if experts > 1 else 0,
+        expert_bytes=int(layers * mlp * CONFIG_BITS.get(quant, 16) / 8) if experts > 1 else 0,
     )
 
 

@@ -1,6 +1,7 @@
-"""The catalog as a table, without a running gateway (``orchgate models``): what
-discovery finds under ``[catalog] dirs``, which recipe runs each model, and its memory
-estimate at that recipe's settings."""
+"""The catalog as a table, without a running gateway: what discovery finds under
+``[catalog] dirs``, which recipe runs each model and its memory estimate at that recipe's
+settings (``orchgate models``), and what runs best on this host (``orchgate models rank``:
+fit on each device, estimated speed, a deterministic order)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from typing import Any
 import msgspec
 
 from backends.catalog import CatalogEntry, discover
+from backends.hardware import HardwareProfile
 from gateway.config import CatalogConfig
 from policies.fit import MIB, estimate
+from policies.ranking import Ranked, normalise_quant, place, rank
 from policies.recipes import match_recipe, suggested_flags, with_override
+from policies.speed import Device, gpu_tflops
 
 
 def catalog_rows(catalog: CatalogConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -64,4 +68,99 @@ def render_rows(rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> st
         if r["error"]:
             lines.append(f"{'':4}{r['error']}")
     lines += [f"skipped {s['path']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
+
+
+# which device kinds each engine runs on (a vLLM model on a CPU-only host fits nowhere)
+_ENGINE_DEVICES = {"llamacpp": ("cpu", "cuda"), "vllm": ("cuda",), "openvino": ("cpu",)}
+_FORMAT_ENGINE = {"gguf": "llamacpp", "transformers": "vllm", "openvino": "openvino"}
+
+
+def host_devices(hardware: HardwareProfile) -> list[tuple[Device, int]]:
+    """This host's devices, each with the memory a model may take on it now."""
+    cpu = hardware.cpu
+    devices: list[tuple[Device, int]] = [
+        (
+            Device("cpu", f"CPU {cpu.model}", cpu.bandwidth_gbps, cores=cpu.cores),
+            cpu.ram_available_bytes or cpu.ram_total_bytes or 0,
+        )
+    ]
+    for gpu in hardware.gpus:
+        device = Device("cuda", f"GPU {gpu.index} {gpu.name}", gpu.bandwidth_gbps,
+                        tflops=gpu_tflops(gpu.name))  # fmt: skip
+        devices.append((device, gpu.vram_free_bytes or gpu.vram_total_bytes))
+    return devices
+
+
+def ranked_rows(
+    catalog: CatalogConfig,
+    hardware: HardwareProfile,
+    *,
+    job: str | None = None,
+    context: int | None = None,
+) -> list[dict[str, Any]]:
+    """``orchgate models rank`` and ``GET /v1/catalog/rank``: every model on every device,
+    fits first, then estimated speed, size, id."""
+    devices = host_devices(hardware)
+    ranked: list[Ranked] = []
+    for entry in discover(catalog.dirs).models:
+        if entry.shape is None:
+            continue
+        recipe = match_recipe(entry, catalog.recipes)
+        if recipe is not None:
+            recipe = with_override(recipe, catalog.models.get(entry.id))
+        engine = recipe.engine if recipe is not None else _FORMAT_ENGINE[entry.format]
+        ctx = context or (recipe.ctx if recipe is not None else 4096)
+        usable = [(d, free) for d, free in devices if d.kind in _ENGINE_DEVICES[engine]]
+        quant, known = normalise_quant(entry.shape.quant)
+        ranked.append(
+            Ranked(
+                id=entry.id,
+                size_bytes=entry.size_bytes,
+                capabilities=entry.capabilities(),
+                quant=quant,
+                quant_known=known,
+                placements=place(
+                    entry.shape,
+                    usable,
+                    engine,
+                    context=ctx,
+                    parallel=recipe.slots if recipe is not None else 1,
+                    kv_type=recipe.kv_type if recipe is not None else "f16",
+                ),
+            )  # fmt: skip
+        )
+    rows = []
+    for position, model in enumerate(rank(ranked, job), start=1):
+        best = model.best
+        rows.append({
+            "rank": position, "id": model.id, "fits": best is not None,
+            "device": best.device if best else None,
+            "decode_tokens_s": best.speed.decode_tokens_s if best else 0.0,
+            "prefill_tokens_s": best.speed.prefill_tokens_s if best else None,
+            "bound": best.speed.bound if best else None,
+            "confidence": best.speed.confidence if best else "none",
+            "need_bytes": best.need_bytes if best else min(
+                (p.need_bytes for p in model.placements), default=0),
+            "size_bytes": model.size_bytes, "quant": model.quant,
+            "quant_known": model.quant_known, "capabilities": model.capabilities,
+            "placements": [msgspec.structs.asdict(p) for p in model.placements],
+            "why_not": [f"{p.device}: {p.why}" for p in model.placements if not p.fits]
+            or (["no device this engine runs on"] if not model.placements else []),
+        })  # fmt: skip
+    return rows
+
+
+def render_ranked(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'#':>3} {'ID':40} {'FITS':5} {'TOK/S':>8} {'PREFILL':>8} {'MEMORY':>10} "
+             f"{'QUANT':8} {'DEVICE':28} CONFIDENCE"]  # fmt: skip
+    for r in rows:
+        prefill = f"{r['prefill_tokens_s']:,.0f}" if r["prefill_tokens_s"] else "-"
+        quant = r["quant"] + ("" if r["quant_known"] else "?")
+        lines.append(
+            f"{r['rank']:>3} {r['id'][:40]:40} {'yes' if r['fits'] else 'no':5} "
+            f"{r['decode_tokens_s']:>8,.1f} {prefill:>8} {r['need_bytes'] / MIB:>6,.0f} MiB "
+            f"{quant:8} {(r['device'] or '-')[:28]:28} {r['confidence']}"
+        )
+        lines += [f"{'':4}{why}" for why in r["why_not"] if not r["fits"]]
     return "\n".join(lines)

@@ -231,12 +231,29 @@ def _models(args: argparse.Namespace) -> int:
     if config.catalog is None:
         print(f"orchgate models: {args.config} has no [catalog] section", file=sys.stderr)
         return 2
+    if args.action == "rank":
+        return _rank(args, config)
     rows, skipped = catalog_rows(config.catalog)
     if args.json:
         report = {"models": rows, "skipped": skipped}
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
     else:
         print(render_rows(rows, skipped))
+    return 0
+
+
+def _rank(args: argparse.Namespace, config: Config) -> int:
+    import msgspec
+
+    from backends.hardware import detect
+    from gateway.catalog_report import ranked_rows, render_ranked
+
+    assert config.catalog is not None
+    rows = ranked_rows(config.catalog, detect(config.hardware), job=args.job, context=args.context)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode({"models": rows})).decode())
+    else:
+        print(render_ranked(rows))
     return 0
 
 
@@ -293,8 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", "-c", help="apply this config's [hardware] overrides")
     fit.add_argument("--json", action="store_true", help="print JSON")
     fit.set_defaults(func=_fit)
-    models = sub.add_parser("models", help="list what the config's [catalog] finds on disk")
+    models = sub.add_parser(
+        "models", help="list what the config's [catalog] finds on disk ('rank': what runs best)"
+    )
+    models.add_argument("action", nargs="?", choices=["list", "rank"], default="list")
     models.add_argument("--config", "-c", required=True, help="path to orchgate.toml")
+    models.add_argument("--job", choices=["chat", "embed", "vision", "completions"])
+    models.add_argument("--context", type=int, help="context tokens for estimates")
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(func=_models)
     worker = sub.add_parser("npu-worker", help="run the bounded OpenVINO GenAI worker")

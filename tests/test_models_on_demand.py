@@ -327,3 +327,15 @@ def test_explicit_pools_coexist_and_keep_their_names(
         assert any("'fixed' is already served" in s["reason"] for s in skipped)
         assert chat(gw, "fixed") and chat(gw, "alpha")
         assert gw.state.pools["fixed"].on_demand is False
+
+
+def test_the_catalog_ranking_over_http(room_for_one: Gateway) -> None:
+    gw = room_for_one
+    ranking = httpx.get(gw.url + "/v1/catalog/rank?job=chat", headers=ADMIN, timeout=10)
+    assert ranking.status_code == 200
+    rows = ranking.json()["data"]
+    assert {"alpha", "beta"} <= {r["id"] for r in rows} and rows[0]["fits"]
+    assert rows[0]["decode_tokens_s"] > 0 and rows[0]["device"].startswith("CPU")
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert httpx.get(gw.url + "/v1/catalog/rank?job=nope", headers=ADMIN).status_code == 400
+    assert httpx.get(gw.url + "/v1/catalog/rank").status_code in (401, 403)

@@ -105,14 +105,7 @@ class Lifecycle:
     async def reload_pool(
         self, pool_id: str, request: ReloadRequest | None, token: str | None, trigger: str = "api"
     ) -> dict[str, Any]:
-        pool = self.state.pools.get(pool_id)
-        if pool is None:
-            raise NotFound(f"no pool {pool_id!r}", param="pool_id")
-        if pool.on_demand:
-            raise Conflict(
-                f"pool {pool_id!r} is a catalog model: POST /v1/models/{{id}}/load or /unload"
-            )
-        self._check_reservation(pool_id, token)
+        pool = self._reloadable(pool_id, token)
         request = request or ReloadRequest()
         async with self._exclusive():
             target, variant = await self._target(pool, request)
@@ -124,9 +117,9 @@ class Lifecycle:
                 self.file_config = msgspec.structs.replace(self.file_config, pools=pools)
             return results[pool_id]
 
-    def start_reload(self, pool_id: str, request: ReloadRequest | None, token: str | None) -> Job:
-        """The reload as a job, answered at once: what can be refused now is (404, 409,
-        423); the rest -- and the outcome -- is the job's (``GET /v1/jobs/{id}``)."""
+    def _reloadable(self, pool_id: str, token: str | None) -> PoolRuntime:
+        """The pool a reload may swap now: it exists (404), is not a catalog model (409),
+        and the caller holds its reservation if there is one (423)."""
         pool = self.state.pools.get(pool_id)
         if pool is None:
             raise NotFound(f"no pool {pool_id!r}", param="pool_id")
@@ -135,6 +128,12 @@ class Lifecycle:
                 f"pool {pool_id!r} is a catalog model: POST /v1/models/{{id}}/load or /unload"
             )
         self._check_reservation(pool_id, token)
+        return pool
+
+    def start_reload(self, pool_id: str, request: ReloadRequest | None, token: str | None) -> Job:
+        """The reload as a job, answered at once: what can be refused now is (404, 409,
+        423); the rest -- and the outcome -- is the job's (``GET /v1/jobs/{id}``)."""
+        self._reloadable(pool_id, token)
         self._exclusive()  # a reload already running: 409 now, not a failed job later
         job = self.jobs.create("reload", pool_id)
         job.result["pool"] = pool_id

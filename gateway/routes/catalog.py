@@ -6,6 +6,7 @@
                                   (loads, unloads and pool reloads)
 ``GET /v1/catalog`` (admin)       every catalog model with its metadata, memory estimate,
                                   status and suggested launch flags; what was skipped
+``GET /v1/catalog/rank`` (admin)  every model on every device: fit, estimated speed, in order
 ``POST /v1/catalog/rescan``       scan the catalog folders again
 
 Model ids may hold slashes (``org/name``): the action is the path's last segment. No body
@@ -19,9 +20,12 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 
+from backends.hardware import detect
+from gateway.catalog_report import ranked_rows
 from gateway.errors import InvalidRequest, NotFound
 from gateway.jobs import Job, JobBook
 from gateway.residency import Residency
+from policies.ranking import JOBS
 
 _ACTIONS = ("load", "unload")
 
@@ -43,11 +47,19 @@ def _start(catalog: Residency, rest: str) -> Job:
     return catalog.request_unload(model_id)
 
 
+def _rank_query(request: Request[Any, Any, Any]) -> tuple[str | None, int | None]:
+    job = request.query_params.get("job")
+    if job is not None and job not in JOBS:
+        raise InvalidRequest(f"job must be one of {', '.join(JOBS)}", param="job")
+    raw = request.query_params.get("context")
+    if raw is not None and not (raw.isdigit() and 128 <= int(raw) <= 1_048_576):
+        raise InvalidRequest("context must be a number of tokens, 128..1048576", param="context")
+    return job, int(raw) if raw else None
+
+
 def catalog_handlers(
     residency: Residency | None, jobs: JobBook, *, guards: list[Any], admin: list[Any]
 ) -> list[Any]:
-    book = jobs
-
     def owner() -> Residency:
         if residency is None:
             raise NotFound("this gateway has no [catalog]; models come from [[pools]] only")
@@ -60,6 +72,32 @@ def catalog_handlers(
             await asyncio.shield(job.done.wait())
         return _answer(job)
 
+    @get("/v1/catalog", guards=admin)  # file paths and memory: the operator's view
+    async def catalog() -> dict[str, Any]:
+        return owner().view()
+
+    @get("/v1/catalog/rank", guards=admin)
+    async def ranking(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        """What runs best here (as ``orchgate models rank``): ``?job=chat|embed|vision``,
+        ``?context=N``."""
+        catalog = owner()
+        job, context = _rank_query(request)
+        hardware = catalog.hardware
+        if hardware is None:
+            hardware = await asyncio.to_thread(detect)
+        rows = await asyncio.to_thread(
+            ranked_rows, catalog.catalog, hardware, job=job, context=context
+        )
+        return {"object": "list", "data": rows}
+
+    @post("/v1/catalog/rescan", guards=admin, status_code=200)
+    async def rescan() -> dict[str, Any]:
+        return await owner().rescan()
+
+    return [model_action, catalog, ranking, rescan, *_job_handlers(jobs, guards)]
+
+
+def _job_handlers(book: JobBook, guards: list[Any]) -> list[Any]:
     @get("/v1/jobs/{job_id:str}", guards=guards)
     async def job(job_id: str) -> dict[str, Any]:
         found = book.get(job_id)
@@ -71,12 +109,4 @@ def catalog_handlers(
     async def recent_jobs() -> dict[str, Any]:
         return {"object": "list", "data": [j.view() for j in book.recent()]}
 
-    @get("/v1/catalog", guards=admin)  # file paths and memory: the operator's view
-    async def catalog() -> dict[str, Any]:
-        return owner().view()
-
-    @post("/v1/catalog/rescan", guards=admin, status_code=200)
-    async def rescan() -> dict[str, Any]:
-        return await owner().rescan()
-
-    return [model_action, job, recent_jobs, catalog, rescan]
+    return [job, recent_jobs]
