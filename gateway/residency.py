@@ -57,6 +57,7 @@ from policies.recipes import (
     with_override,
 )
 from policies.residency import Resident, RoomPlan, Verdict, choose_device, plan_room
+from policies.speed import Device, estimate_speed, gpu_tflops
 
 log = logging.getLogger("orchgate.residency")
 
@@ -97,6 +98,7 @@ class CatalogModel:
         if entry.error is not None and recipe is not None:
             self.status = Status.FAILED
         self.fit: FitEstimate | None = None
+        self.speed_tokens_s: float | None = None  # estimated decode rate where it would run
         self.need_bytes = 0
         self.device: str | None = None  # where it runs (or loads)
         self.port = 0
@@ -236,6 +238,7 @@ class Residency:
                 kv_type=recipe.kv_type, device=device,
             )  # fmt: skip
             model.need_bytes = model.fit.total_bytes
+            model.speed_tokens_s = self._speed(model)
         else:  # unreadable metadata: the file's size, and a margin
             model.need_bytes = int(entry.size_bytes * 1.2)
         model.port = self._free_port(entry.id)
@@ -244,6 +247,21 @@ class Residency:
         pool.queue.startup_s = model.learnt_load_s()
         model.pool = pool
         self.state.pools[pool.id] = pool
+
+    def _speed(self, model: CatalogModel) -> float | None:
+        recipe, shape, hardware = model.recipe, model.entry.shape, self.hardware
+        if recipe is None or shape is None or hardware is None:
+            return None
+        if recipe.device == "cuda":
+            if not hardware.gpus:
+                return None
+            gpu = hardware.gpus[0]
+            device = Device("cuda", gpu.name, gpu.bandwidth_gbps, tflops=gpu_tflops(gpu.name))
+        else:
+            cpu = hardware.cpu
+            device = Device("cpu", cpu.model, cpu.bandwidth_gbps, cores=cpu.cores)
+        estimate = estimate_speed(shape, device, recipe.engine, context=recipe.ctx)
+        return estimate.decode_tokens_s or None
 
     def _drop_pool(self, model: CatalogModel) -> None:
         if model.pool is not None:
@@ -697,6 +715,23 @@ class Residency:
             suggested_launch=suggested_flags(model.entry) if model.recipe is None else None,
         )
         return fields
+
+    def menu(self) -> list[dict[str, Any]]:
+        """The status page's model menu: no file paths (the data token reads it)."""
+        rows = []
+        for m in self.models.values():
+            job = m.job or m.wanted or m.unload_after_drain
+            rows.append({
+                "id": m.id, "status": m.status, "pool": m.pool.id if m.pool else None,
+                "size_bytes": m.entry.size_bytes, "need_bytes": m.need_bytes,
+                "device": m.device, "speed_tokens_s": m.speed_tokens_s,
+                "pinned": bool(m.recipe and m.recipe.pinned), "error": m.error,
+                "queued": m.pool.queue.depth() if m.pool else 0,
+                "running": m.pool.queue.in_use() if m.pool else 0,
+                "job": job.view() if job is not None else None,
+                "suggested_launch": suggested_flags(m.entry) if m.recipe is None else None,
+            })  # fmt: skip
+        return rows
 
     def view(self) -> dict[str, Any]:
         return {

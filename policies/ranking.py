@@ -58,6 +58,7 @@ class Placement(msgspec.Struct, frozen=True):
     free_bytes: int
     why: str | None
     speed: SpeedEstimate
+    memory: dict[str, object] = {}  # the fit breakdown: weights, KV cache, compute, runtime
 
 
 class Ranked(msgspec.Struct, frozen=True):
@@ -89,13 +90,14 @@ def place(
     placements = []
     for device, free in devices:
         kind = "cuda" if device.kind == "cuda" else "cpu"
-        need = estimate(
+        fit = estimate(
             shape, context_tokens=context, parallel=parallel, kv_type=kv_type, device=kind
-        ).total_bytes
+        )
+        need = fit.total_bytes
         fits = need <= free
         why = None if fits else f"needs {need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB free"
         speed = estimate_speed(shape, device, engine, context=context, fits=fits)
-        placements.append(Placement(device.name, fits, need, free, why, speed))
+        placements.append(Placement(device.name, fits, need, free, why, speed, fit.breakdown()))
     return placements
 
 

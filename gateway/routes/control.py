@@ -140,6 +140,8 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
                 {"id": model, "state": model_state, "pool": state.models.pool_for(model)}
                 for model, model_state in models.items()
             ],
+            # models on demand: the status page's menu (load, unload, what would run)
+            "catalog": state.catalog.menu() if state.catalog is not None else None,
         }
 
     @get("/status", media_type="text/html")
