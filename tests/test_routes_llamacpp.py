@@ -72,8 +72,11 @@ def test_responses_stream_ends_with_completed_and_no_done(
 ) -> None:
     # (the SDK's responses.stream() helper needs output_index/content_index, which this
     # llama-server's events lack -- direct as through orchgate -- so: plain stream=True)
+    # greedy, so that direct and through orchgate the engine writes the same events
     events = list(
-        client.responses.create(model="smol", input="Say hi.", max_output_tokens=6, stream=True)
+        client.responses.create(
+            model="smol", input="Say hi.", max_output_tokens=6, stream=True, temperature=0
+        )
     )
     types = [event.type for event in events]
     assert types[0] == "response.created" and types[-1] == "response.completed"
@@ -82,7 +85,7 @@ def test_responses_stream_ends_with_completed_and_no_done(
     direct_types = [
         e.type
         for e in direct.responses.create(
-            model="x", input="Say hi.", max_output_tokens=6, stream=True
+            model="x", input="Say hi.", max_output_tokens=6, stream=True, temperature=0
         )
     ]
     assert types == direct_types
