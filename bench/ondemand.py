@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.swap import REPO, free_port, percentile, test_assets
+from bench.swap import REPO, free_port, percentile, test_assets, wait_gateway
 
 ADMIN = {"Authorization": "Bearer bench-admin"}
 CTX, SLOTS = 1024, 2
@@ -173,17 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         try:
             async with httpx.AsyncClient(timeout=300) as http:
-                for _ in range(600):
-                    if gateway.poll() is not None:
-                        raise RuntimeError(
-                            f"orchgate exited: {(Path(tmp) / 'gateway.log').read_text()}"
-                        )
-                    try:
-                        if (await http.get(url + "/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.1)
+                await wait_gateway(http, url, gateway, Path(tmp) / "gateway.log")
                 cold = await cold_starts(http, url, args.cold)
             shared = await turns(url, args.clients, args.seconds)
         finally:

@@ -42,6 +42,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def wait_gateway(
+    http: httpx.AsyncClient, url: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Until ``/health`` answers 200; raise with the log if the gateway exits first."""
+    for _ in range(600):
+        if process.poll() is not None:
+            raise RuntimeError(f"orchgate exited: {log.read_text()}")
+        try:
+            if (await http.get(url + "/health")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} never became healthy")
+
+
 def config_text(port: int, replica_port: int, strategy: str = "blue_green") -> str:
     binary, model = test_assets.llama_server(), test_assets.smollm2_model()
 
@@ -120,13 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         try:
             async with httpx.AsyncClient(timeout=120) as http:
-                for _ in range(600):
-                    try:
-                        if (await http.get(url + "/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.1)
+                await wait_gateway(http, url, gateway, Path(tmp) / "gateway.log")
                 load = Load(url)
                 clients = [asyncio.create_task(load.client()) for _ in range(args.clients)]
                 await asyncio.sleep(args.every)

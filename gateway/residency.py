@@ -24,7 +24,9 @@ second (idle TTL); loads run one at a time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import socket
 import sys
 import time
@@ -39,6 +41,7 @@ from backends.llamacpp import LlamaCppReplicaConfig
 from backends.openvino import OpenVINOReplicaConfig
 from backends.registry import ReplicaConfig
 from backends.vllm import VLLMReplicaConfig
+from gateway.catalog_report import host_devices
 from gateway.config import CatalogConfig, PoolConfig, TimeoutConfig
 from gateway.errors import Conflict, NotFound
 from gateway.jobs import Job, JobBook
@@ -57,7 +60,7 @@ from policies.recipes import (
     with_override,
 )
 from policies.residency import Resident, RoomPlan, Verdict, choose_device, plan_room
-from policies.speed import Device, estimate_speed, gpu_tflops
+from policies.speed import estimate_speed
 
 log = logging.getLogger("orchgate.residency")
 
@@ -154,6 +157,7 @@ class Residency:
         self.hardware = hardware
         self.clock = clock
         self.models: dict[str, CatalogModel] = {}
+        self._by_pool: dict[str, CatalogModel] = {}  # pool id -> its model (model_fields)
         self.skipped: list[Skipped] = []
         self.jobs = jobs or JobBook()
         self.budgets = self._budgets()
@@ -247,25 +251,24 @@ class Residency:
         pool.queue.startup_s = model.learnt_load_s()
         model.pool = pool
         self.state.pools[pool.id] = pool
+        self._by_pool[pool.id] = model
 
     def _speed(self, model: CatalogModel) -> float | None:
+        """Estimated decode rate on the first device of the recipe's kind (as ranked)."""
         recipe, shape, hardware = model.recipe, model.entry.shape, self.hardware
         if recipe is None or shape is None or hardware is None:
             return None
-        if recipe.device == "cuda":
-            if not hardware.gpus:
-                return None
-            gpu = hardware.gpus[0]
-            device = Device("cuda", gpu.name, gpu.bandwidth_gbps, tflops=gpu_tflops(gpu.name))
-        else:
-            cpu = hardware.cpu
-            device = Device("cpu", cpu.model, cpu.bandwidth_gbps, cores=cpu.cores)
+        kind = "cuda" if recipe.device == "cuda" else "cpu"
+        device = next((d for d, _ in host_devices(hardware) if d.kind == kind), None)
+        if device is None:
+            return None
         estimate = estimate_speed(shape, device, recipe.engine, context=recipe.ctx)
         return estimate.decode_tokens_s or None
 
     def _drop_pool(self, model: CatalogModel) -> None:
         if model.pool is not None:
             self.state.pools.pop(model.pool.id, None)
+            self._by_pool.pop(model.pool.id, None)
             model.pool.queue.fail_waiters(
                 ModelUnavailable(f"model {model.id!r} left the catalog", retry_after_s=1.0)
             )
@@ -657,10 +660,6 @@ class Residency:
         model = self._by_pool.get(pool_id)
         return None if model is None else self.describe(model, brief=True)
 
-    @property
-    def _by_pool(self) -> dict[str, CatalogModel]:
-        return {m.pool.id: m for m in self.models.values() if m.pool is not None}
-
     def unroutable(self) -> list[dict[str, Any]]:
         """Catalog models no request can reach (``needs_setup``), for ``/v1/models``."""
         return [
@@ -782,9 +781,6 @@ def _pool_id(model_id: str) -> str:
 
 def _replica_id(model_id: str) -> str:
     """A pool / replica id (``[A-Za-z0-9_.-]``, at most 64) that names the model."""
-    import hashlib
-    import re
-
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_id).strip("-")
     if len(safe) <= 64 and safe == model_id:
         return safe
