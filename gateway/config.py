@@ -154,6 +154,9 @@ class MetricsConfig(Strict, frozen=True):
     extended: bool = False
     # how often replicas with a ``gpu_device`` are sampled through NVML
     gpu_interval_s: Annotated[float, Meta(gt=0)] = 2.0
+    # the status page's charts: how far back the gateway keeps per-pool samples (0: off)
+    history_s: Annotated[float, Meta(ge=0, le=86_400)] = 600.0
+    history_interval_s: Annotated[float, Meta(ge=0.1)] = 2.0
 
 
 WebhookEvent = Literal[

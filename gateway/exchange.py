@@ -150,8 +150,12 @@ class Exchange:
             ticket=ticket,
             client_retries=client_retries,
         )
-        self.replica = committed.lease.replica.replica_id
+        replica = committed.lease.replica
+        self.replica = replica.replica_id
         self.attempts = committed.attempts
+        reader = committed.reader
+        if reader is not None and reader.estimates_tokens:
+            replica.live.add(reader.stats)  # counted while it runs (the status charts)
         return committed
 
     # -- accounting and release ------------------------------------------------------
@@ -175,13 +179,18 @@ class Exchange:
         committed = self.committed
         try:
             if committed is not None:
+                replica = committed.lease.replica
+                if self.first_byte is not None:
+                    replica.first_byte_s_sum += self.first_byte - self.started
+                    replica.first_byte_count += 1
                 reader = committed.reader
                 if reader is not None:  # relayed answers: also those cut short
                     stats = reader.stats
+                    replica.live.discard(stats)
                     if stats.usage is not None or reader.estimates_tokens:
                         self.count_tokens(*stats.tokens())
                     if stats.failed:
-                        committed.lease.replica.errors[stats.failed] += 1
+                        replica.errors[stats.failed] += 1
                 await committed.aclose()
         finally:
             latency = self.latency.get(self.replica) if self.replica else None

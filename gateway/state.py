@@ -16,6 +16,7 @@ from backends.gpu import Nvml
 from backends.registry import ModelIndex
 from gateway.config import Config
 from gateway.errors import EndpointNotServed, InvalidRequest, ModelNotFound
+from gateway.history import History
 from gateway.pools import Hold, PoolRuntime
 from gateway.tasks import TaskBook
 from gateway.wire import encoder, model_object, models_list
@@ -61,6 +62,10 @@ class GatewayState:
         self.nvml: Nvml | None = None
         self._gpu_poller: asyncio.Task[None] | None = None
         self.catalog: CatalogListing | None = None  # models on demand, when configured
+        metrics = config.metrics
+        self.history = History(
+            self, interval_s=metrics.history_interval_s, window_s=metrics.history_s
+        )  # the status page's charts
         self.reindex()
 
     def reindex(self) -> None:
@@ -167,6 +172,7 @@ class GatewayState:
             if not pool.on_demand:  # catalog models start on their first request
                 await pool.start()
         await self.ensure_gpu_telemetry()
+        self.history.start()
 
     async def ensure_gpu_telemetry(self) -> None:
         """Start NVML sampling once any replica names a ``gpu_device`` (at start, or when
@@ -219,6 +225,7 @@ class GatewayState:
             left = self._grace_ends - asyncio.get_running_loop().time()
             await self.tasks.wait_running(max(0.0, left))
         await self.tasks.aclose()
+        await self.history.aclose()
         if self._gpu_poller is not None:
             self._gpu_poller.cancel()
             await asyncio.gather(self._gpu_poller, return_exceptions=True)

@@ -1,9 +1,10 @@
 """The gateway's own view of one replica: readiness and slot accounting.
 
-Written by three owners only: the health monitor (``ready``, ``slots``,
-``engine_version``, ``detail``, the ejection fields), the admission queue (``in_use``)
+Written by four owners only: the health monitor (``ready``, ``slots``,
+``engine_version``, ``detail``, the ejection fields), the admission queue (``in_use``),
 the dispatcher, which resets ``failures`` when a request succeeds and counts ``placed``,
-and the relays, which add ``tokens_in``/``tokens_out`` when an exchange ends. All run on
+and the exchanges, which register their running streams in ``live`` and add the tokens
+and the time to first byte when they end. All run on
 the one event loop, so no lock is needed; nothing here awaits.
 """
 
@@ -48,9 +49,12 @@ class ReplicaState:
         "errors",
         "ejected_total",
         "failures",
+        "first_byte_count",
+        "first_byte_s_sum",
         "accelerator",
         "gpu",
         "in_use",
+        "live",
         "placed",
         "ready",
         "slots",
@@ -74,6 +78,12 @@ class ReplicaState:
         self.tokens_out = 0
         self.errors: Counter[str] = Counter()  # failed attempts by kind
         self.ejected_total = 0
+        # time to first byte, always (the status page's chart; histograms are extended)
+        self.first_byte_s_sum = 0.0
+        self.first_byte_count = 0
+        # the token counts of streams still running (each has an ``events`` count), so
+        # the status page's tokens/s moves while a long stream runs, not when it ends
+        self.live: set[Any] = set()
         self.gpu: GpuSample | None = None  # latest NVML sample (replicas with gpu_device)
         self.accelerator: dict[str, Any] | None = None  # what the engine reports (NPU worker)
 

@@ -10,6 +10,7 @@ GPU series are absent and nothing fails.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser import Browser
 from tests.conftest import free_port
 from tests.fakes.servers import gateway_process, wait_until
 from tests.prom import scrape, value
@@ -56,6 +58,7 @@ bind = "127.0.0.1:{port}"
 
 [metrics]
 gpu_interval_s = 0.1
+history_interval_s = 0.2
 
 [[pools]]
 id = "p"
@@ -104,6 +107,19 @@ def test_nvml_series_and_vram_aware_placement(
         # the status data behind the pool health shows the same telemetry
         replicas = httpx.get(url + "/v1/pools/p/health").json()["metrics"]["replicas"]
         assert {r["id"]: r["gpu"]["name"] for r in replicas} == {"gpu0": "H100-A", "gpu1": "H100-B"}
+
+        # the status page's GPU memory chart: the pool's two devices, summed once each
+        def vram() -> list[Any]:
+            history = httpx.get(url + "/v1/status/history").json()
+            return [v for v in history["pools"]["p"]["vram_used_bytes"] if v is not None]
+
+        assert wait_until(lambda: vram() and vram()[-1] == 80 * GIB, timeout=5), vram()
+        assert 80 * GIB in vram() and 80 * GIB == max(vram())  # 70 + 10 before, 5 + 75 now
+        with Browser() as browser:
+            browser.goto(url + "/status")
+            assert browser.wait_for(lambda: "GPU memory" in browser.text()), browser.text()
+            assert re.search(r"GPU memory\s*now 80\.0 GiB", browser.text()), browser.text()
+            browser.screenshot(tmp_path / "status-gpu.png")
 
 
 def test_a_device_the_driver_does_not_know_has_no_series(

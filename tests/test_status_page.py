@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,56 @@ def test_status_page_data_is_behind_the_token(
         assert "token needed" not in browser.text()
         assert re.search(r"f0\s+ready\s+openai", browser.text())
         browser.screenshot(tmp_path / "status-page-token.png")
+
+
+@pytest.mark.llamacpp
+def test_status_page_charts_follow_traffic(
+    llama_server: LlamaServer, gateway_factory: Any, tmp_path: Path
+) -> None:
+    """Tokens/s, queue depth per priority and time to first byte, drawn from the gateway's
+    ring buffer while twice the slots' worth of streams run on a real llama-server."""
+    config = {
+        "metrics": {"history_interval_s": 0.25},
+        "pools": [pool("chat", [MODEL], [{"id": "llama0", "engine": "llamacpp",
+                                          "url": llama_server.url}])],
+    }  # fmt: skip
+    with gateway_factory(config) as gw, Browser() as browser:
+        assert wait_until(lambda: gw.state.pools["chat"].queue.is_ready(), timeout=20)
+        browser.goto(gw.url + "/status")
+        assert browser.wait_for(lambda: "Last minutes" in browser.text() and "tokens / s" in
+                                browser.text()), browser.text()  # fmt: skip
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+
+        def stream() -> int:
+            chunks = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+                max_tokens=96, stream=True, temperature=0,
+            )  # fmt: skip
+            return sum(1 for _ in chunks)
+
+        with ThreadPoolExecutor(2 * llama_server.slots) as pool_:
+            runs = [pool_.submit(stream) for _ in range(2 * llama_server.slots)]
+
+            def peak(series: str) -> float:
+                return float(browser.evaluate(
+                    f"Math.max(0, ...(history?.pools.chat?.{series} ?? []).filter(v => v != null))"
+                ))  # fmt: skip
+
+            # while the streams run, the page already shows their tokens and the queue
+            assert browser.wait_for(lambda: peak("tokens_per_s") > 10, timeout=20)
+            assert not all(run.done() for run in runs)
+            assert all(run.result() > 10 for run in runs)
+        assert browser.wait_for(lambda: peak("queue_interactive") >= 1, timeout=5)
+        assert browser.wait_for(lambda: peak("ttft_ms") > 0, timeout=5)
+        lines = browser.evaluate(
+            "Object.fromEntries([...document.querySelectorAll('[data-chart]')]"
+            ".map(f => [f.dataset.chart, Number(f.dataset.lines)]))"
+        )
+        assert lines == {"tokens": 1, "queue": 2, "ttft": 1}, lines  # no GPU chart here
+        assert "no GPU telemetry" in browser.text()
+        assert re.search(r"tokens / s\s*now [\d.]+ · max [\d.]+", browser.text()), browser.text()
+        png = browser.screenshot(tmp_path / "status-charts.png")
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+        keep = os.environ.get("ORCHGATE_SCREENSHOT_DIR")
+        if keep:
+            shutil.copy(tmp_path / "status-charts.png", Path(keep) / "status-charts.png")

@@ -144,6 +144,13 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
             "catalog": state.catalog.menu() if state.catalog is not None else None,
         }
 
+    @get("/v1/status/history", guards=guards)
+    async def status_history(since: float | None = None) -> dict[str, Any]:
+        """The status page's charts: per pool, one point per sampling interval over the last
+        ``[metrics] history_s`` (tokens/s, time to first byte, queue depth per priority,
+        running slots, GPU memory); ``since`` (a ``t`` the page already has) for the rest."""
+        return state.history.view(since)
+
     @get("/status", media_type="text/html")
     async def status_page() -> bytes:
         """The live status page: a static shell; its data comes from ``/v1/status``
@@ -161,4 +168,4 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
         """Prometheus text; unauthenticated like ``/health`` (scrapers rarely send tokens)."""
         return metrics_text.render()
 
-    return [health, pool_health, metrics, status, status_page, root]
+    return [health, pool_health, metrics, status, status_history, status_page, root]
