@@ -123,6 +123,13 @@ class ReplicaLoad(msgspec.Struct, frozen=True):
     total_slots: int | None
 
 
+class ModelFacts(msgspec.Struct, frozen=True):
+    """What an engine says about the model it serves, for ``GET /v1/models``."""
+
+    context_length: int | None = None  # tokens one request may hold (llama.cpp: per slot)
+    capabilities: tuple[str, ...] | None = None  # None: the engine does not say
+
+
 class ReplicaInfo(msgspec.Struct, frozen=True):
     """What a successful health probe learned about the engine."""
 
@@ -132,6 +139,7 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     detail: str | None = None
     # accelerator facts the engine reports itself (the NPU worker: device, busy time)
     accelerator: dict[str, Any] | None = None
+    model: ModelFacts | None = None
 
 
 class UpstreamResponse(Protocol):

@@ -7,7 +7,9 @@ from ``build_info``; load from ``GET /slots`` where it is enabled.
 
 from __future__ import annotations
 
-from backends.base import OPENAI_ENDPOINTS, Endpoint, ReplicaInfo, ReplicaLoad
+from typing import Any
+
+from backends.base import OPENAI_ENDPOINTS, Endpoint, ModelFacts, ReplicaInfo, ReplicaLoad
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
@@ -72,6 +74,7 @@ class LlamaCppBackend(OpenAICompatBackend):
             ready=True,
             total_slots=slots if isinstance(slots, int) and slots > 0 else None,
             engine_version=build if isinstance(build, str) else None,
+            model=model_facts(props),
         )
 
     async def load(self) -> ReplicaLoad:
@@ -81,3 +84,22 @@ class LlamaCppBackend(OpenAICompatBackend):
             return ReplicaLoad(running=0, waiting=0, total_slots=self.configured_slots)
         running = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
         return ReplicaLoad(running=running, waiting=0, total_slots=len(slots))
+
+
+def model_facts(props: dict[str, Any]) -> ModelFacts:
+    """Context and capabilities from ``GET /props``: ``n_ctx`` of a slot (what one request
+    can hold: ``-c`` over ``--parallel``), a chat template, whether the template takes
+    tools, and the multimodal projector's modalities."""
+    settings = props.get("default_generation_settings")
+    n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+    template_caps = props.get("chat_template_caps")
+    modalities = props.get("modalities")
+    found = ["chat", "completions"] if props.get("chat_template") else ["completions"]
+    if isinstance(template_caps, dict) and template_caps.get("supports_tools"):
+        found.append("tools")
+    if isinstance(modalities, dict):
+        found += [kind for kind in ("vision", "audio") if modalities.get(kind)]
+    return ModelFacts(
+        context_length=n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None,
+        capabilities=tuple(found),
+    )

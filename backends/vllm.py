@@ -7,7 +7,7 @@ the port does not listen while weights load); version from ``GET /version``; loa
 
 from __future__ import annotations
 
-from backends.base import OPENAI_ENDPOINTS, Endpoint, ReplicaInfo, ReplicaLoad
+from backends.base import OPENAI_ENDPOINTS, Endpoint, ModelFacts, ReplicaInfo, ReplicaLoad
 from backends.openai_compat import HttpReplicaConfig, OpenAICompatBackend, decode_json
 
 
@@ -62,7 +62,18 @@ class VLLMBackend(OpenAICompatBackend):
         body = decode_json(raw) if status == 200 else None
         if isinstance(body, dict) and isinstance(body.get("version"), str):
             version = body["version"]
-        return ReplicaInfo(ready=True, engine_version=version)
+        return ReplicaInfo(ready=True, engine_version=version, model=await self._model_facts())
+
+    async def _model_facts(self) -> ModelFacts | None:
+        """``max_model_len`` of the served model (vLLM's ``/v1/models`` extra field)."""
+        status, raw = await self.get("/v1/models")
+        body = decode_json(raw) if status == 200 else None
+        data = body.get("data") if isinstance(body, dict) else None
+        first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+        length = first.get("max_model_len")
+        if not isinstance(length, int) or length <= 0:
+            return None
+        return ModelFacts(context_length=length)
 
     async def load(self) -> ReplicaLoad:
         status, raw = await self.get("/metrics")

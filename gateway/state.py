@@ -69,20 +69,37 @@ class GatewayState:
         self.reindex()
 
     def reindex(self) -> None:
-        """Rebuild the model routing table and ``/v1/models`` from the pools (start, reload)."""
-        configs = [pool.config for pool in self.pools.values()]
-        self.models = ModelIndex((p.id, p.models) for p in configs)
+        """Rebuild the model routing table from the pools (start, reload); ``/v1/models``
+        follows on its next request."""
+        self.models = ModelIndex((p.config.id, p.config.models) for p in self.pools.values())
+        self._listing_stamp: tuple[Any, ...] | None = None
+
+    def model_listing(self) -> tuple[bytes, dict[str, bytes]]:
+        """``GET /v1/models`` and each ``/v1/models/{id}``, encoded once per change: of the
+        pools, or of what their engines report about the model (context, capabilities)."""
+        stamp = (self.models, *(r.model for r in self.all_replicas()))
+        if stamp != self._listing_stamp:
+            objects = self._model_objects()
+            self._listing = models_list(objects), {o["id"]: encoder.encode(o) for o in objects}
+            self._listing_stamp = stamp
+        return self._listing
+
+    def _model_objects(self) -> list[dict[str, Any]]:
         catalog = self.catalog
         objects = []
-        for p in configs:
+        for pool in self.pools.values():
+            p = pool.config
+            facts = _engine_fields(pool)
             extra = catalog.model_fields(p.id) if catalog is not None else None
+            if extra is not None and "capabilities" in facts:  # metadata and engine agree
+                extra = extra | {"capabilities": list(dict.fromkeys(
+                    [*extra["capabilities"], *facts["capabilities"]]))}  # fmt: skip
             for name in p.models:
-                entry = model_object(name, p.models[0], p.id, self.started_at)
+                entry = model_object(name, p.models[0], p.id, self.started_at) | facts
                 objects.append(entry if extra is None else entry | extra)
         if catalog is not None:
             objects += catalog.unroutable()
-        self.models_body = models_list(objects)  # GET /v1/models
-        self.model_bodies = {o["id"]: encoder.encode(o) for o in objects}  # /v1/models/{id}
+        return objects
 
     def default_model(self) -> str:
         """What a request without ``model`` gets: ``server.default_model``, else the only
@@ -233,3 +250,17 @@ class GatewayState:
             self.nvml.close()
         pools = self.running_pools()
         await asyncio.gather(*(pool.stop() for pool in pools))
+
+
+def _engine_fields(pool: PoolRuntime) -> dict[str, Any]:
+    """``context_length`` and ``capabilities`` as the pool's engines report them: the
+    smallest context and the capabilities every replica that says has."""
+    facts = [r.model for r in pool.replicas if r.model is not None]
+    fields: dict[str, Any] = {}
+    lengths = [f.context_length for f in facts if f.context_length is not None]
+    if lengths:
+        fields["context_length"] = min(lengths)
+    said = [f.capabilities for f in facts if f.capabilities is not None]
+    if said:
+        fields["capabilities"] = [c for c in said[0] if all(c in other for other in said)]
+    return fields

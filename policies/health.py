@@ -51,6 +51,8 @@ def apply_probe(
         replica.engine_version = info.engine_version
     if info.accelerator is not None:
         replica.accelerator = info.accelerator
+    if info.model is not None:
+        replica.model = info.model
     ejected = replica.ejected_until > (time.monotonic() if now is None else now)
     replica.ready = info.ready and not ejected
     if not ejected:

@@ -14,7 +14,7 @@ from bisect import bisect_left
 from collections import Counter
 from typing import Any, NamedTuple
 
-from backends.base import Backend
+from backends.base import Backend, ModelFacts
 from backends.gpu import GpuSample
 
 
@@ -55,6 +55,7 @@ class ReplicaState:
         "gpu",
         "in_use",
         "live",
+        "model",
         "placed",
         "ready",
         "slots",
@@ -86,6 +87,7 @@ class ReplicaState:
         self.live: set[Any] = set()
         self.gpu: GpuSample | None = None  # latest NVML sample (replicas with gpu_device)
         self.accelerator: dict[str, Any] | None = None  # what the engine reports (NPU worker)
+        self.model: ModelFacts | None = None  # context and capabilities the engine reports
 
     def counters(self) -> Counters:
         return Counters(

@@ -51,6 +51,21 @@ def test_models_list_has_every_model_and_alias(client: openai.OpenAI) -> None:
     assert all(m.object == "model" and m.owned_by for m in page.data)
 
 
+def test_models_carry_the_engines_context_and_capabilities(
+    gateway: Gateway, client: openai.OpenAI
+) -> None:
+    """What chat UIs filter on, from llama-server's ``/props``: a slot's context (``-c``
+    over ``-np``), chat (the GGUF has a chat template), no tools (its template takes
+    none), no vision (no projector)."""
+    assert wait_until(lambda: gateway.state.pools["chat"].queue.is_ready(), timeout=10)
+    for model in client.models.list().data:
+        extra = model.model_extra or {}
+        assert extra["context_length"] == 1024, extra
+        assert extra["capabilities"] == ["chat", "completions"], extra
+    one = httpx.get(f"{gateway.url}/v1/models/smol").json()
+    assert one["context_length"] == 1024 and one["root"] == MODEL
+
+
 def test_slots_discovered_from_props(gateway: Gateway, llama_server: LlamaServer) -> None:
     health = httpx.get(f"{gateway.url}/v1/pools/chat/health").json()
     replica = health["metrics"]["replicas"][0]

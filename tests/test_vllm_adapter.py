@@ -49,6 +49,13 @@ def test_health_and_version_are_read(gw: Gateway) -> None:
     assert replica["engine_running"] == 0 and replica["engine_waiting"] == 0
 
 
+def test_models_carry_vllms_max_model_len(gw: Gateway) -> None:
+    assert wait_until(lambda: gw.state.pools["qwen"].queue.is_ready(), timeout=10)
+    models = httpx.get(gw.url + "/v1/models").json()["data"]
+    assert models and all(m["context_length"] == 2048 for m in models), models
+    assert all("capabilities" not in m for m in models)  # vLLM does not say
+
+
 def test_chat_through_alias_reaches_vllm_with_its_served_name(
     client: openai.OpenAI, vllm_sim: Any
 ) -> None:

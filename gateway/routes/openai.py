@@ -231,7 +231,8 @@ class OpenAIProxy:
             if scope["method"] not in ("GET", "HEAD"):
                 raise MethodNotAllowed("use GET for this route", headers=_ALLOW_GET)
             self.auth.check(credential(scope))
-            body = self.state.model_bodies.get(name) if name else self.state.models_body
+            listing, bodies = self.state.model_listing()
+            body = bodies.get(name) if name else listing
             if body is None:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="model")
         except GatewayError as error:
