@@ -5,6 +5,7 @@ fit on each device, estimated speed, a deterministic order)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -13,8 +14,9 @@ from backends.catalog import CatalogEntry, discover
 from backends.hardware import HardwareProfile
 from gateway.config import CatalogConfig
 from policies.fit import MIB, estimate
-from policies.ranking import Ranked, normalise_quant, place, rank
+from policies.ranking import Ranked, merit, normalise_quant, place, rank
 from policies.recipes import match_recipe, suggested_flags, with_override
+from policies.scores import ScoreSnapshot, parse_snapshot, score_for
 from policies.speed import Device, gpu_tflops
 
 
@@ -92,16 +94,47 @@ def host_devices(hardware: HardwareProfile) -> list[tuple[Device, int]]:
     return devices
 
 
+def load_scores(catalog: CatalogConfig) -> tuple[ScoreSnapshot | None, dict[str, Any] | None]:
+    """The operator's score snapshot (read on every ranking: a new export needs no reload)
+    and what the answer says about it; unreadable, it is reported and left out."""
+    if catalog.scores_file is None:
+        return None, None
+    info: dict[str, Any] = {"file": catalog.scores_file, "weight": catalog.score_weight}
+    try:
+        snapshot = parse_snapshot(Path(catalog.scores_file).read_bytes())
+    except OSError as exc:
+        return None, info | {"source": None, "error": f"cannot read it: {exc.strerror}"}
+    except ValueError as exc:
+        return None, info | {"source": None, "error": str(exc)}
+    return snapshot, info | {"source": snapshot.source, "error": None}
+
+
 def ranked_rows(
     catalog: CatalogConfig,
     hardware: HardwareProfile,
     *,
     job: str | None = None,
     context: int | None = None,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
     """``orchgate models rank`` and ``GET /v1/catalog/rank``: every model on every device,
-    fits first, then estimated speed, size, id."""
-    devices = host_devices(hardware)
+    fits first, then estimated speed (or score and speed blended), size, id."""
+    snapshot, scores = load_scores(catalog)
+    ranked = _rankable(catalog, host_devices(hardware), context)
+    if snapshot is not None:
+        ranked = [msgspec.structs.replace(m, score=score_for(snapshot, m.id, job)) for m in ranked]
+    weight = catalog.score_weight if snapshot is not None else None
+    ordered = rank(ranked, job, score_weight=weight)
+    rows = [_ranked_row(position, model) for position, model in enumerate(ordered, start=1)]
+    if weight is not None:
+        for row, model in zip(rows, ordered, strict=True):
+            row["score"] = None if model.score is None else round(model.score, 4)
+            row["merit"] = merit(model, ordered, weight)
+    return {"models": rows, "scores": scores}
+
+
+def _rankable(
+    catalog: CatalogConfig, devices: list[tuple[Device, int]], context: int | None
+) -> list[Ranked]:
     ranked: list[Ranked] = []
     for entry in discover(catalog.dirs).models:
         if entry.shape is None:
@@ -110,7 +143,6 @@ def ranked_rows(
         if recipe is not None:
             recipe = with_override(recipe, catalog.models.get(entry.id))
         engine = recipe.engine if recipe is not None else _FORMAT_ENGINE[entry.format]
-        ctx = context or (recipe.ctx if recipe is not None else 4096)
         usable = [(d, free) for d, free in devices if d.kind in _ENGINE_DEVICES[engine]]
         quant, known = normalise_quant(entry.shape.quant)
         ranked.append(
@@ -124,43 +156,56 @@ def ranked_rows(
                     entry.shape,
                     usable,
                     engine,
-                    context=ctx,
+                    context=context or (recipe.ctx if recipe is not None else 4096),
                     parallel=recipe.slots if recipe is not None else 1,
                     kv_type=recipe.kv_type if recipe is not None else "f16",
                 ),
             )  # fmt: skip
         )
-    rows = []
-    for position, model in enumerate(rank(ranked, job), start=1):
-        best = model.best
-        rows.append({
-            "rank": position, "id": model.id, "fits": best is not None,
-            "device": best.device if best else None,
-            "decode_tokens_s": best.speed.decode_tokens_s if best else 0.0,
-            "prefill_tokens_s": best.speed.prefill_tokens_s if best else None,
-            "bound": best.speed.bound if best else None,
-            "confidence": best.speed.confidence if best else "none",
-            "need_bytes": best.need_bytes if best else min(
-                (p.need_bytes for p in model.placements), default=0),
-            "size_bytes": model.size_bytes, "quant": model.quant,
-            "quant_known": model.quant_known, "capabilities": model.capabilities,
-            "placements": [msgspec.structs.asdict(p) for p in model.placements],
-            "why_not": [f"{p.device}: {p.why}" for p in model.placements if not p.fits]
-            or (["no device this engine runs on"] if not model.placements else []),
-        })  # fmt: skip
-    return rows
+    return ranked
 
 
-def render_ranked(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'#':>3} {'ID':40} {'FITS':5} {'TOK/S':>8} {'PREFILL':>8} {'MEMORY':>10} "
-             f"{'QUANT':8} {'DEVICE':28} CONFIDENCE"]  # fmt: skip
+def _ranked_row(position: int, model: Ranked) -> dict[str, Any]:
+    best = model.best
+    return {
+        "rank": position, "id": model.id, "fits": best is not None,
+        "device": best.device if best else None,
+        "decode_tokens_s": best.speed.decode_tokens_s if best else 0.0,
+        "prefill_tokens_s": best.speed.prefill_tokens_s if best else None,
+        "bound": best.speed.bound if best else None,
+        "confidence": best.speed.confidence if best else "none",
+        "need_bytes": best.need_bytes if best else min(
+            (p.need_bytes for p in model.placements), default=0),
+        "size_bytes": model.size_bytes, "quant": model.quant,
+        "quant_known": model.quant_known, "capabilities": model.capabilities,
+        "placements": [msgspec.structs.asdict(p) for p in model.placements],
+        "why_not": [f"{p.device}: {p.why}" for p in model.placements if not p.fits]
+        or (["no device this engine runs on"] if not model.placements else []),
+    }  # fmt: skip
+
+
+def render_ranked(report: dict[str, Any]) -> str:
+    rows, scores = report["models"], report["scores"]
+    scored = scores is not None and scores["error"] is None
+    lines = []
+    if scores is not None:
+        lines.append(
+            f"scores: {scores['source']} ({scores['file']}), weight {scores['weight']:g} "
+            "against speed" if scored else
+            f"scores: {scores['file']} left out: {scores['error']}"
+        )  # fmt: skip
+    score_head = "SCORE " if scored else ""
+    lines.append(f"{'#':>3} {'ID':40} {'FITS':5} {'TOK/S':>8} {'PREFILL':>8} {'MEMORY':>10} "
+                 f"{'QUANT':8} {score_head}{'DEVICE':28} CONFIDENCE")  # fmt: skip
     for r in rows:
         prefill = f"{r['prefill_tokens_s']:,.0f}" if r["prefill_tokens_s"] else "-"
         quant = r["quant"] + ("" if r["quant_known"] else "?")
+        score = "" if not scored else (
+            f"{r['score'] * 100:>5.1f} " if r["score"] is not None else f"{'-':>5} ")  # fmt: skip
         lines.append(
             f"{r['rank']:>3} {r['id'][:40]:40} {'yes' if r['fits'] else 'no':5} "
             f"{r['decode_tokens_s']:>8,.1f} {prefill:>8} {r['need_bytes'] / MIB:>6,.0f} MiB "
-            f"{quant:8} {(r['device'] or '-')[:28]:28} {r['confidence']}"
+            f"{quant:8} {score}{(r['device'] or '-')[:28]:28} {r['confidence']}"
         )
         lines += [f"{'':4}{why}" for why in r["why_not"] if not r["fits"]]
     return "\n".join(lines)

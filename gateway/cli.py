@@ -249,11 +249,12 @@ def _rank(args: argparse.Namespace, config: Config) -> int:
     from gateway.catalog_report import ranked_rows, render_ranked
 
     assert config.catalog is not None
-    rows = ranked_rows(config.catalog, detect(config.hardware), job=args.job, context=args.context)
+    hardware = detect(config.hardware)
+    report = ranked_rows(config.catalog, hardware, job=args.job, context=args.context)
     if args.json:
-        print(msgspec.json.format(msgspec.json.encode({"models": rows})).decode())
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
     else:
-        print(render_ranked(rows))
+        print(render_ranked(report))
     return 0
 
 

@@ -199,6 +199,9 @@ class CatalogConfig(Strict, frozen=True):
     queue_capacity: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
     queue_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
     rescan_s: Annotated[float, Meta(ge=0)] = 0.0  # 0: at start, on reload and on demand
+    # the operator's benchmark scores (policies.scores), blended into the ranking
+    scores_file: str | None = None
+    score_weight: Annotated[float, Meta(ge=0, le=1)] = 0.5
 
 
 class Config(Strict, frozen=True):

@@ -4,7 +4,8 @@ why not), estimated speed -- in one deterministic order. Pure: no I/O.
 Order: models that fit somewhere first; then the faster estimated decode on their best
 device; then the smaller file; ties by id (code-point order, never locale). ``job``
 keeps the models whose capabilities serve it (``chat``, ``embed``, ``vision``,
-``completions``).
+``completions``). With an operator's score snapshot (``policies.scores``) the models that
+fit are ordered by score and speed blended with a stated weight.
 
 Quantisation names are normalised as the GGUF and MLX ecosystems write them (``Q4_K_M``,
 ``IQ4_XS``, ``F16``, ``BF16``; ``4bit``/``8bit`` for MLX, ``AWQ``, ``GPTQ``, ``FP8``,
@@ -20,6 +21,7 @@ import msgspec
 
 from backends.model_file import ModelShape
 from policies.fit import estimate
+from policies.scores import blend
 from policies.speed import Device, SpeedEstimate, estimate_speed
 
 _GGUF_QUANTS = {
@@ -68,6 +70,7 @@ class Ranked(msgspec.Struct, frozen=True):
     quant: str
     quant_known: bool
     placements: list[Placement]
+    score: float | None = None  # the operator's benchmark score for the job, 0..1
 
     @property
     def best(self) -> Placement | None:
@@ -101,17 +104,27 @@ def place(
     return placements
 
 
-def rank(models: Sequence[Ranked], job: str | None = None) -> list[Ranked]:
+def rank(
+    models: Sequence[Ranked], job: str | None = None, *, score_weight: float | None = None
+) -> list[Ranked]:
+    """With ``score_weight`` (a score snapshot is in use) the models that fit are ordered
+    by ``policies.scores.blend`` of score and speed instead of speed alone."""
     wanted = JOBS.get(job) if job else None
     chosen = [m for m in models if wanted is None or wanted in m.capabilities]
+    fastest = max((m.best.speed.decode_tokens_s for m in chosen if m.best), default=0.0)
 
     def key(model: Ranked) -> tuple[int, float, int, str]:
         best = model.best
-        return (
-            0 if best is not None else 1,
-            -(best.speed.decode_tokens_s if best is not None else 0.0),
-            model.size_bytes,
-            model.id,
-        )
+        speed = best.speed.decode_tokens_s if best is not None else 0.0
+        merit = speed if score_weight is None else blend(model.score, speed, fastest, score_weight)
+        return (0 if best is not None else 1, -merit, model.size_bytes, model.id)
 
     return sorted(chosen, key=key)
+
+
+def merit(model: Ranked, models: Sequence[Ranked], score_weight: float) -> float:
+    """The blended figure a row shows (the same one ``rank`` orders by)."""
+    fastest = max((m.best.speed.decode_tokens_s for m in models if m.best), default=0.0)
+    best = model.best
+    speed = best.speed.decode_tokens_s if best is not None else 0.0
+    return round(blend(model.score, speed, fastest, score_weight), 4)

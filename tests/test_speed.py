@@ -5,6 +5,7 @@ really does with SmolLM2 on this CPU."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,8 @@ import pytest
 
 from backends.hardware import detect
 from backends.model_file import ModelShape, read_model
-from policies.ranking import Placement, Ranked, normalise_quant, rank
+from policies.ranking import Placement, Ranked, merit, normalise_quant, rank
+from policies.scores import parse_snapshot, score_for
 from policies.speed import Device, SpeedEstimate, active_weight_bytes, estimate_speed
 from tests.conftest import LlamaServer, test_assets
 
@@ -95,6 +97,35 @@ def test_ranking_is_fits_first_then_speed_then_size_then_id() -> None:
     assert [m.id for m in rank(models, job="embed")] == []
 
 
+def test_benchmark_scores_blend_with_their_stated_weight() -> None:
+    snapshot = parse_snapshot(
+        b'{"source": "evals 2026-11", "scale": 100, "models": {'
+        b'"qwen*": {"overall": 40}, "qwen2.5-7b*": {"chat": 90}, "Slow": {"chat": 80}}}'
+    )
+    assert score_for(snapshot, "qwen2.5-7b-instruct-q4", "chat") == 0.9  # longest glob
+    assert score_for(snapshot, "qwen2.5-7b-instruct-q4", "embed") is None  # no overall there
+    assert score_for(snapshot, "qwen3-1b", "chat") == 0.4  # job missing: overall
+    assert score_for(snapshot, "slow", "chat") == 0.8  # ids are case-insensitive
+    assert score_for(snapshot, "other", "chat") is None  # never guessed
+
+    def model(model_id: str, tokens_s: float, score: float | None) -> Ranked:
+        speed = SpeedEstimate(tokens_s, None, 1, "bandwidth", 0.6, "estimate")
+        place = Placement("cpu", True, 1, 2, None, speed)
+        return Ranked(model_id, 1, ["chat"], "Q4_0", True, [place], score=score)
+
+    models = [model("fast", 100, 0.2), model("slow", 20, 0.9), model("unscored", 60, None)]
+    assert [m.id for m in rank(models)] == ["fast", "unscored", "slow"]  # speed alone
+    # weight 0.5: fast 0.5*0.2+0.5*1 = 0.60, slow 0.45+0.1 = 0.55, unscored 0+0.3 = 0.30
+    assert [m.id for m in rank(models, score_weight=0.5)] == ["fast", "slow", "unscored"]
+    assert [m.id for m in rank(models, score_weight=0.9)] == ["slow", "fast", "unscored"]
+    assert [m.id for m in rank(models, score_weight=0.0)] == ["fast", "unscored", "slow"]
+    assert merit(models[1], models, 0.5) == 0.55
+
+    for bad in (b'{"models": {}}', b'{"source": "x", "models": {"a": {"chat": 120}}}', b"["):
+        with pytest.raises(ValueError):
+            parse_snapshot(bad)
+
+
 @pytest.mark.llamacpp
 def test_the_estimate_is_close_to_what_llama_server_does_here(llama_server: LlamaServer) -> None:
     """Calibration on this machine: SmolLM2 Q4_1 on llama-server (-t 2), one stream."""
@@ -141,3 +172,21 @@ def test_orchgate_models_rank_orders_what_fits_here(tmp_path: Path) -> None:
     assert memory["weights_bytes"] > 0 and memory["kv_cache_bytes"] > 0
     assert memory["total_bytes"] == rows[0]["need_bytes"]
     assert not rows[1]["fits"] and rows[1]["why_not"] == ["no device this engine runs on"]
+
+    # the operator's scores: shown, blended, and a broken file reported, never fatal
+    scores = tmp_path / "scores.json"
+    scores.write_text('{"source": "my evals", "models": {"small": {"chat": 55.5}}}')
+    config.write_text(config.read_text() + f'scores_file = "{scores}"\nscore_weight = 0.3\n')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["models", "rank", "--config", str(config), "--job", "chat"]) == 0
+    table = out.getvalue()
+    assert f"scores: my evals ({scores}), weight 0.3 against speed" in table, table
+    assert re.search(r"1 small\s+yes .* Q4_1\s+55\.5 ", table), table
+    scores.write_text("{not json")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["models", "rank", "--config", str(config), "--json"]) == 0
+    report = msgspec.json.decode(out.getvalue())
+    assert report["scores"]["error"].startswith("not a score snapshot"), report["scores"]
+    assert [r["id"] for r in report["models"]] == ["small", "needs-gpu"]

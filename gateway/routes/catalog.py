@@ -85,10 +85,10 @@ def catalog_handlers(
         hardware = catalog.hardware
         if hardware is None:
             hardware = await asyncio.to_thread(detect)
-        rows = await asyncio.to_thread(
+        report = await asyncio.to_thread(
             ranked_rows, catalog.catalog, hardware, job=job, context=context
         )
-        return {"object": "list", "data": rows}
+        return {"object": "list", "data": report["models"], "scores": report["scores"]}
 
     @post("/v1/catalog/rescan", guards=admin, status_code=200)
     async def rescan() -> dict[str, Any]:
