@@ -37,8 +37,12 @@ DEFAULT_EFFICIENCY = 0.5
 # thread per core: measured 11 with llama-server -t 2 and SmolLM2 Q4_1 on a 2-core Xeon
 # VM slice (81.5 tokens/s x 2 x 135M params / 2 cores; tests/test_speed.py)
 CPU_GFLOPS_PER_CORE = 11.0
-# prompt processing batches tokens into matrix-matrix work: a few times the rate
-CPU_PREFILL_FACTOR = 4.0
+# prompt processing batches tokens into matrix-matrix work: a multiple of the decode
+# arithmetic, by engine. Measured with SmolLM2 Q4_1, 2 cores (tests/test_speed.py):
+# llama-server --no-repack 326-341 prompt tokens/s (241 tokens); OpenVINO GenAI, whose
+# oneDNN kernels use AMX/AVX-512, 7,700-9,000 (271 tokens, after its first compile)
+CPU_PREFILL_FACTOR = {"llamacpp": 4.0, "openvino": 60.0}
+DEFAULT_CPU_PREFILL_FACTOR = 4.0
 # sustained arithmetic of a GPU for prompt processing (TFLOP/s, fp16 tensor cores at a
 # realistic share), by name pattern; unknown GPUs get no prefill estimate
 GPU_TFLOPS: list[tuple[str, float]] = [
@@ -125,7 +129,7 @@ def estimate_speed(
         rate, bound = compute / flops_per_token, "compute"
     prefill = compute / flops_per_token if compute and flops_per_token else None
     if prefill is not None and device.kind == "cpu":
-        prefill *= CPU_PREFILL_FACTOR
+        prefill *= CPU_PREFILL_FACTOR.get(engine, DEFAULT_CPU_PREFILL_FACTOR)
     confidence = (
         "measured-class" if (engine, device.kind) in (("llamacpp", "cpu"), ("openvino", "cpu"))
         else "estimate" if (engine, device.kind) in EFFICIENCY

@@ -146,6 +146,44 @@ def test_the_estimate_is_close_to_what_llama_server_does_here(llama_server: Llam
     print(f"SmolLM2 Q4_1 decode: measured {best:.1f} tokens/s, estimated "
           f"{estimate.decode_tokens_s:.1f} ({estimate.bound}-bound)")  # fmt: skip
     assert best / 3 < estimate.decode_tokens_s < best * 3  # within 3x on any CPU of the kind
+    answer = httpx.post(
+        llama_server.url + "/completion",
+        json={"prompt": prompt * 3, "n_predict": 1, "cache_prompt": False},
+        timeout=120,
+    ).json()
+    prefill = answer["timings"]["prompt_per_second"]
+    print(f"prefill: measured {prefill:.0f} tokens/s, estimated {estimate.prefill_tokens_s:.0f}")
+    assert estimate.prefill_tokens_s is not None
+    assert prefill / 3 < estimate.prefill_tokens_s < prefill * 3
+
+
+@pytest.mark.slow  # the real OpenVINO GenAI runtime on CPU
+def test_the_estimate_is_close_to_what_openvino_genai_does_here() -> None:
+    """Calibration of the ``openvino`` engine on this CPU: SmolLM2 through OpenVINO GenAI's
+    GGUF reader, one stream, its own perf metrics (after a warm-up: the first call
+    compiles)."""
+    import openvino_genai
+
+    path = test_assets.smollm2_model()
+    pipe = openvino_genai.LLMPipeline(str(path), "CPU")
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens, config.ignore_eos = 64, True
+    prompt = "The history of the lighthouse begins " * 40
+    decode, prefill = [], []
+    for _ in range(4):
+        metrics = pipe.generate([prompt], config).perf_metrics
+        decode.append(1000 / metrics.get_tpot().mean)
+        prefill.append(metrics.get_num_input_tokens() / metrics.get_ttft().mean * 1000)
+    hardware = detect()
+    cpu = Device("cpu", "CPU", hardware.cpu.bandwidth_gbps, cores=hardware.cpu.cores)
+    estimate = estimate_speed(read_model(path), cpu, "openvino", context=1024)
+    print(f"OpenVINO GenAI SmolLM2 decode: measured {max(decode):.1f} tokens/s, estimated "
+          f"{estimate.decode_tokens_s:.1f}; prefill measured {max(prefill[1:]):.0f}, "
+          f"estimated {estimate.prefill_tokens_s:.0f}")  # fmt: skip
+    assert max(decode) / 3 < estimate.decode_tokens_s < max(decode) * 3
+    assert estimate.prefill_tokens_s is not None
+    # oneDNN's prompt kernels differ most between CPUs (AMX, AVX-512, AVX2): 5x either way
+    assert max(prefill[1:]) / 5 < estimate.prefill_tokens_s < max(prefill[1:]) * 5
 
 
 def test_orchgate_models_rank_orders_what_fits_here(tmp_path: Path) -> None:
