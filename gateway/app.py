@@ -163,17 +163,23 @@ def create_app(
     proxy = OpenAIProxy(state, auth, access_log)
     webhooks = Webhooks(config.webhooks)
     jobs = JobBook()  # loads, unloads and reloads, all behind GET /v1/jobs/{id}
+    reservations = ReservationBook()  # swap locks: pool reloads and catalog unloads alike
     lifecycle = Lifecycle(
         state,
         auth=auth,
         webhooks=webhooks,
-        reservations=ReservationBook(),
+        reservations=reservations,
         config_path=config_path,
         jobs=jobs,
     )
     residency = (
         Residency(
-            state, config.catalog, webhooks=webhooks, jobs=jobs, hardware=detect(config.hardware)
+            state,
+            config.catalog,
+            webhooks=webhooks,
+            jobs=jobs,
+            hardware=detect(config.hardware),
+            reservations=reservations,
         )
         if config.catalog is not None
         else None

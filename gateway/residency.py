@@ -43,7 +43,7 @@ from backends.registry import ReplicaConfig
 from backends.vllm import VLLMReplicaConfig
 from gateway.catalog_report import host_devices
 from gateway.config import CatalogConfig, PoolConfig, TimeoutConfig
-from gateway.errors import Conflict, NotFound
+from gateway.errors import Conflict, InvalidRequest, LockedError, NotFound
 from gateway.jobs import Job, JobBook
 from gateway.lifecycle.transition import BringUpFailed, gate
 from gateway.pools import PoolRuntime
@@ -59,6 +59,7 @@ from policies.recipes import (
     suggested_flags,
     with_override,
 )
+from policies.reservation import Locked, ReservationBook
 from policies.residency import Resident, RoomPlan, Verdict, choose_device, plan_room
 from policies.speed import estimate_speed
 
@@ -149,9 +150,13 @@ class Residency:
         webhooks: Webhooks,
         jobs: JobBook | None = None,
         hardware: HardwareProfile | None = None,
+        reservations: ReservationBook | None = None,
         clock: Any = time.monotonic,
     ) -> None:
         self.state = state
+        # the pools' swap locks (shared with gateway.lifecycle): a reserved model is never
+        # unloaded, evicted or swapped out but by its holder
+        self.reservations = reservations or ReservationBook()
         self.catalog = catalog
         self.webhooks = webhooks
         self.hardware = hardware
@@ -342,7 +347,7 @@ class Residency:
                     bytes=m.need_bytes,
                     last_used=queue.last_used,
                     busy=queue.in_use() > 0 or queue.depth() > 0,
-                    pinned=bool(m.recipe and m.recipe.pinned),
+                    pinned=bool(m.recipe and m.recipe.pinned) or self._reserved(m),
                     loading=m.status in (Status.LOADING, Status.UNLOADING),
                 )
             )
@@ -504,7 +509,7 @@ class Residency:
             recipe = model.recipe
             assert recipe is not None
             ttl = recipe.idle_ttl_s if recipe.idle_ttl_s is not None else self.catalog.idle_ttl_s
-            if recipe.pinned or ttl <= 0 or not model.pool.idle():
+            if recipe.pinned or ttl <= 0 or not model.pool.idle() or self._reserved(model):
                 continue
             if now - model.pool.queue.last_used >= ttl:
                 await self._unload(model, "idle")
@@ -637,8 +642,31 @@ class Residency:
         self._wake.set()
         return job
 
-    def request_unload(self, model_id: str) -> Job:
+    def request_swap(self, out_id: str, in_id: str, token: str | None = None) -> Job:
+        """Unload ``out_id`` (draining it) and load ``in_id``: the load's job, which waits
+        for the room the unload frees when both do not fit."""
+        if out_id == in_id:
+            raise InvalidRequest("a model cannot replace itself", param="replace")
+        self.model(in_id)  # both must exist before anything changes
+        self.request_unload(out_id, token)
+        return self.request_load(in_id)
+
+    def _reserved(self, model: CatalogModel) -> bool:
+        return model.pool is not None and self.reservations.get(model.pool.id) is not None
+
+    def _check_reservation(self, model: CatalogModel, token: str | None) -> None:
+        if model.pool is None:
+            return
+        try:
+            self.reservations.check(model.pool.id, token)
+        except Locked as exc:
+            raise LockedError(
+                str(exc), extra={"reservation": exc.reservation.view(self.reservations.now())}
+            ) from None
+
+    def request_unload(self, model_id: str, token: str | None = None) -> Job:
         model = self.model(model_id)
+        self._check_reservation(model, token)
         job = self.jobs.create("unload", model.id)
         if model.status in (Status.UNLOADED, Status.NEEDS_SETUP, Status.FAILED):
             job.advance("unloaded", already=True)
@@ -728,9 +756,24 @@ class Residency:
                 "queued": m.pool.queue.depth() if m.pool else 0,
                 "running": m.pool.queue.in_use() if m.pool else 0,
                 "job": job.view() if job is not None else None,
+                "reservation": self._reservation_view(m),
+                "fit": self._fit_view(m),
                 "suggested_launch": suggested_flags(m.entry) if m.recipe is None else None,
             })  # fmt: skip
         return rows
+
+    def _fit_view(self, model: CatalogModel) -> dict[str, Any] | None:
+        """Whether it fits this host now (``room``: what would be unloaded for it)."""
+        if model.recipe is None or model.status == Status.LOADED:
+            return None
+        plan = self._plan(model, settled=True)
+        if plan.verdict is Verdict.IMPOSSIBLE:
+            return {"fits": False, "why": plan.reason}
+        return {"fits": True, "device": plan.device, "unloads": [*plan.evict, *plan.drain]}
+
+    def _reservation_view(self, model: CatalogModel) -> dict[str, object] | None:
+        held = self.reservations.get(model.pool.id) if model.pool is not None else None
+        return held.view(self.reservations.now()) if held is not None else None
 
     def view(self) -> dict[str, Any]:
         return {

@@ -70,7 +70,7 @@ def plan_room(
             else f"catalog.max_loaded={max_loaded} models already run"
         )
         if held:
-            why += f" (pinned or loading: {', '.join(sorted(held))})"
+            why += f" (pinned, reserved or loading: {', '.join(sorted(held))})"
         return RoomPlan(Verdict.IMPOSSIBLE, device, reason=why)
     return RoomPlan(
         Verdict.MAKE_ROOM,

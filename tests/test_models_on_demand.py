@@ -7,7 +7,9 @@ answers ``insufficient_memory``; admin jobs report every phase."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -284,6 +286,35 @@ def test_admin_jobs_load_and_unload(room_for_one: Gateway) -> None:
     assert any("notes.txt" not in s["path"] for s in catalog["skipped"]) or catalog["skipped"] == []
 
 
+def test_a_reserved_model_is_kept_for_its_holder(room_for_one: Gateway) -> None:
+    """A reservation on a catalog model's pool (the same swap lock as a pool reload): no
+    unload or swap without the holder's token (423), no eviction for another model (that
+    one answers insufficient_memory naming it); the holder unloads it."""
+    gw = room_for_one
+    assert chat(gw, "alpha")
+    pool_id = listed(gw)["alpha"]["pool"]
+    held = httpx.post(
+        f"{gw.url}/v1/pools/{pool_id}/reservation", json={"holder": "bench-7", "ttl_s": 60}
+    )
+    assert held.status_code == 201, held.text
+    token = held.json()["token"]
+    locked = httpx.post(gw.url + "/v1/models/alpha/unload", headers=ADMIN, timeout=5)
+    assert locked.status_code == 423, locked.text
+    assert locked.json()["error"]["code"] == "pool_reserved"
+    swap = httpx.post(gw.url + "/v1/models/beta/load?replace=alpha", headers=ADMIN, timeout=5)
+    assert swap.status_code == 423 and listed(gw)["beta"]["status"] == "unloaded"
+    with pytest.raises(openai.APIStatusError) as refused:
+        chat(gw, "beta")  # room for one, and that one is reserved: never evicted
+    assert refused.value.status_code == 503
+    assert "reserved" in str(refused.value.body) and "alpha" in str(refused.value.body)
+    menu = {m["id"]: m for m in httpx.get(gw.url + "/v1/status").json()["catalog"]}
+    assert menu["alpha"]["reservation"]["holder"] == "bench-7"
+    assert menu["beta"]["fit"]["fits"] is False and "alpha" in menu["beta"]["fit"]["why"]
+    mine = {**ADMIN, "X-Reservation-Token": token}
+    done = httpx.post(gw.url + "/v1/models/alpha/unload?wait=true", headers=mine, timeout=30)
+    assert done.status_code == 200 and done.json()["phase"] == "unloaded"
+
+
 def test_task_api_and_anthropic_surface_load_on_demand(room_for_one: Gateway) -> None:
     """Either surface starts a catalog model: a task's 202 predicts the load in its
     ``predicted_start_ms``, then its events run to the end; Anthropic's messages too."""
@@ -387,7 +418,7 @@ def _menu_under_traffic(gw: Gateway, tmp_path: Path, Browser: Any, ADMIN_TOKEN: 
         worker.start()
         assert browser.wait_for(lambda: "loaded" in menu("alpha"), timeout=60), menu("alpha")
         assert "unloaded" in menu("beta") and "MiB" in menu("beta")
-        assert re.search(r"beta\s+unloaded\s+0\.1 GiB\s+\d+ MiB\s+\d+", browser.text())
+        assert re.search(r"beta\s+unloaded\s+0\.1 GiB\s+\d+ MiB · fits\s+\d+", browser.text())
         assert "failed" in menu("broken")
         click("beta", "load")
         assert browser.wait_for(lambda: "Load beta?" in menu("beta")), menu("beta")
@@ -404,9 +435,27 @@ def _menu_under_traffic(gw: Gateway, tmp_path: Path, Browser: Any, ADMIN_TOKEN: 
         assert browser.wait_for(lambda: "Unload beta?" in menu("beta")), menu("beta")
         click("beta", "confirm-unload")  # the admin token is kept in the tab now
         assert browser.wait_for(lambda: "unload done" in menu("beta"), timeout=60), menu("beta")
+
+        # swap the busy model for the other: alpha drains and unloads, beta loads; the
+        # traffic's requests for alpha wait and bring it back, none fails
+        click("alpha", "swap")
+        assert browser.wait_for(lambda: "Unload alpha and load" in menu("alpha")), menu("alpha")
+        assert browser.evaluate(
+            "document.querySelector('[data-model=alpha] select').value"
+        ) == "beta"  # fmt: skip
+        click("alpha", "confirm-swap")
+        assert browser.wait_for(lambda: "swap to beta done in" in menu("alpha"), timeout=120), menu(
+            "alpha"
+        )
+        assert browser.wait_for(lambda: "loaded" in menu("beta"), timeout=30), menu("beta")
+        unloads = [j for j in residency(gw).jobs.recent() if j.kind == "unload"]
+        assert unloads and unloads[0].model == "alpha"  # newest first
         png = browser.screenshot(tmp_path / "status-models.png")
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        keep = os.environ.get("ORCHGATE_SCREENSHOT_DIR")
+        if keep:
+            shutil.copy(tmp_path / "status-models.png", Path(keep) / "status-models.png")
     stop.set()
     worker.join(timeout=120)
     assert failures == []
-    assert listed(gw)["beta"]["status"] == "unloaded"
+    assert listed(gw)["beta"]["status"] == "loaded"

@@ -1,7 +1,9 @@
 """Models on demand, control plane (admin token for anything that changes what runs).
 
-``POST /v1/models/{id}/load``     202 + a job (``?wait=true``: answers when it is done)
-``POST /v1/models/{id}/unload``   202 + a job; in-flight requests finish first
+``POST /v1/models/{id}/load``     202 + a job (``?wait=true``: answers when it is done;
+                                  ``?replace=OTHER``: a swap, OTHER unloads to make room)
+``POST /v1/models/{id}/unload``   202 + a job; in-flight requests finish first. A reserved
+                                  model needs its holder's X-Reservation-Token (423)
 ``GET /v1/jobs/{id}`` / ``GET /v1/jobs``   a job's phases and timings / the recent ones
                                   (loads, unloads and pool reloads)
 ``GET /v1/catalog`` (admin)       every catalog model with its metadata, memory estimate,
@@ -25,6 +27,7 @@ from gateway.catalog_report import ranked_rows
 from gateway.errors import InvalidRequest, NotFound
 from gateway.jobs import Job, JobBook
 from gateway.residency import Residency
+from gateway.routes.lifecycle import TOKEN_HEADER as RESERVATION_HEADER
 from policies.ranking import JOBS
 
 _ACTIONS = ("load", "unload")
@@ -36,15 +39,19 @@ def _answer(job: Job) -> Response[dict[str, Any]]:
     return Response(job.view(), status_code=status, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-def _start(catalog: Residency, rest: str) -> Job:
+def _start(catalog: Residency, rest: str, request: Request[Any, Any, Any]) -> Job:
     model_id, _, action = rest.strip("/").rpartition("/")
     if action not in _ACTIONS or not model_id:
         raise InvalidRequest(
             "use POST /v1/models/{id}/load or /v1/models/{id}/unload", param="action"
         )
-    if action == "load":
-        return catalog.request_load(model_id)
-    return catalog.request_unload(model_id)
+    token = request.headers.get(RESERVATION_HEADER)
+    if action == "unload":
+        return catalog.request_unload(model_id, token)
+    replace = request.query_params.get("replace")
+    if replace:  # a swap: that model drains and unloads, this one loads in its room
+        return catalog.request_swap(replace, model_id, token)
+    return catalog.request_load(model_id)
 
 
 def _rank_query(request: Request[Any, Any, Any]) -> tuple[str | None, int | None]:
@@ -67,7 +74,7 @@ def catalog_handlers(
 
     @post("/v1/models/{rest:path}", guards=admin, status_code=202)
     async def model_action(rest: str, request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-        job = _start(owner(), rest)
+        job = _start(owner(), rest, request)
         if request.query_params.get("wait", "").lower() in ("1", "true", "yes"):
             await asyncio.shield(job.done.wait())
         return _answer(job)

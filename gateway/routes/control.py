@@ -124,15 +124,18 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
     @get("/v1/status", guards=guards)
     async def status() -> dict[str, Any]:
         """Everything the status page shows, in one answer."""
-        pools = await asyncio.gather(*(_pool_detail(p) for p in state.pools.values()))
-        for pool_id, detail in zip(state.pools, pools, strict=True):
-            detail["id"] = pool_id
-            detail["lifecycle"] = lifecycle.view(pool_id)
+        runtimes = list(state.pools.values())  # a reload may replace the table meanwhile
+        pools = await asyncio.gather(*(_pool_detail(p) for p in runtimes))
+        for runtime, detail in zip(runtimes, pools, strict=True):
+            detail["id"] = runtime.id
+            detail["lifecycle"] = lifecycle.view(runtime.id) if runtime.id in state.pools else None
         models = state.model_states()
         return {
             "version": __version__,
             "uptime_s": round(time.time() - state.started_at, 1),
-            "ready": all(p["ready"] for p in pools) and not state.draining,
+            # as /health: a catalog model that is not loaded is ready to load, not down
+            "ready": not state.draining
+            and all(p["ready"] for p, r in zip(pools, runtimes, strict=True) if not r.on_demand),
             "draining": state.draining,
             "tasks_active": state.tasks.active(),
             "pools": pools,
