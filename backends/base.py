@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Protocol
 
 import msgspec
@@ -156,6 +156,23 @@ class UpstreamResponse(Protocol):
     def chunks(self) -> AsyncIterator[bytes]:
         """Raw body bytes as they arrive (no re-chunking, no buffering)."""
         ...
+
+    async def next_chunk(self) -> bytes | None:
+        """The bytes that arrived since the last call, waiting for some; None at the end
+        (``chunks`` without a generator to leave suspended)."""
+        ...
+
+    def pipe(self, on_data: Callable[[bytes], None], on_end: Callable[[Any], None]) -> bool:
+        """Hand the rest of the body to callbacks as it arrives, from the connection's own
+        callbacks (no task switch per piece); ``on_end`` gets the ``BackendError`` that
+        ended it, or None. False: this response can only be pulled (``next_chunk``)."""
+        ...
+
+    def hold(self) -> None:
+        """A piped consumer that cannot keep up: stop reading until ``release``."""
+        ...
+
+    def release(self) -> None: ...
 
     async def read(self) -> bytes:
         """The whole body (non-streaming responses)."""

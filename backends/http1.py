@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -65,8 +65,12 @@ class Http1Response:
         "_done",
         "_error",
         "_headers_waiter",
+        "_held",
         "_last_data",
         "_limits",
+        "_on_data",
+        "_on_end",
+        "_pending",
         "_wait_since",
         "_waiter",
         "content_type",
@@ -95,6 +99,13 @@ class Http1Response:
         self._headers_waiter: asyncio.Future[None] = conn.loop.create_future()
         self._limits = limits
         self._body_started = False
+        # pipe(): the body goes to these from the connection's callbacks instead
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[BaseException | None], None] | None = None
+        self._held = False  # piped, and paused because the consumer cannot keep up
+        # piped: the body pieces of the read being parsed, handed over in one call after it
+        # (a read holding several chunks -- several events -- becomes one write downstream)
+        self._pending: list[bytes] | None = None
         self._last_data = self._wait_since = 0.0
         if limits is not NO_LIMITS:
             self._last_data = self._wait_since = conn.loop.time()
@@ -106,7 +117,11 @@ class Http1Response:
         limits = self._limits
         if limits.deadline is not None and now >= limits.deadline:
             return UpstreamTimeout("total", "the request ran past its total deadline")
-        waiting = self._waiter is not None or not self._headers_waiter.done()
+        waiting = (
+            self._waiter is not None
+            or (self._on_data is not None and not self._held)
+            or not self._headers_waiter.done()
+        )
         gap = limits.idle_s if self._body_started else limits.first_byte_s
         if waiting and gap is not None and now - max(self._last_data, self._wait_since) >= gap:
             if self._body_started:
@@ -123,6 +138,13 @@ class Http1Response:
         if self._limits is not NO_LIMITS:
             self._last_data = self._conn.loop.time()
             self._body_started = True  # from now on the idle limit replaces the first-byte one
+        if self._on_data is not None:
+            pending = self._pending
+            if pending is None:
+                self._pending = [data]
+            else:
+                pending.append(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -133,6 +155,7 @@ class Http1Response:
         self._done = True
         self._conn.pool._unwatch(self)
         self._wake()
+        self._ended(None)
 
     def _fail(self, error: BaseException) -> None:
         if self._done or self._error is not None:
@@ -142,6 +165,22 @@ class Http1Response:
         if not self._headers_waiter.done():
             self._headers_waiter.set_exception(error)
         self._wake()
+        self._ended(error)
+
+    def _flush_pending(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            on_data = self._on_data
+            if on_data is not None:
+                on_data(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _ended(self, error: BaseException | None) -> None:
+        self._flush_pending()
+        on_end = self._on_end
+        if on_end is not None:
+            self._on_data = self._on_end = None
+            on_end(error)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -152,21 +191,23 @@ class Http1Response:
     async def wait_headers(self) -> None:
         await self._headers_waiter
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive; everything buffered is handed over in one piece."""
+    def _take_buffered(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._conn.resume()
+        return data
+
+    async def next_chunk(self) -> bytes | None:
+        """The body bytes that arrived since the last call (everything buffered in one
+        piece), waiting for some; None at the end. No generator: a consumer may stop
+        calling at any point and nothing is left suspended to finalise."""
         while True:
             if self._chunks:
-                if len(self._chunks) == 1:
-                    data = self._chunks.popleft()
-                else:
-                    data = b"".join(self._chunks)
-                    self._chunks.clear()
-                self._buffered = 0
-                self._conn.resume()
-                yield data
-                continue
+                return self._take_buffered()
             if self._done:
-                return
+                return None
             if self._error is not None:
                 raise self._error
             if self._limits is not NO_LIMITS:
@@ -177,10 +218,48 @@ class Http1Response:
             finally:
                 self._waiter = None
 
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; everything buffered is handed over in one piece."""
+        while (data := await self.next_chunk()) is not None:
+            yield data
+
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        parts = []
+        while (data := await self.next_chunk()) is not None:
+            parts.append(data)
+        return b"".join(parts)
+
+    def pipe(
+        self, on_data: Callable[[bytes], None], on_end: Callable[[BaseException | None], None]
+    ) -> None:
+        """Hand the rest of the body to callbacks run by the connection itself, as each
+        piece arrives (what is buffered first): no task switch per piece. ``on_end`` runs
+        once, with the error that ended it or None. The callbacks must not raise."""
+        if self._chunks:
+            on_data(self._take_buffered())
+        if self._done or self._error is not None:
+            on_end(self._error)
+            return
+        self._on_data, self._on_end = on_data, on_end
+        if self._limits is not NO_LIMITS:
+            self._wait_since = self._conn.loop.time()
+
+    def hold(self) -> None:
+        """A piped consumer that cannot keep up: stop reading the upstream (its silence
+        meanwhile is not the upstream's fault)."""
+        self._held = True
+        self._conn.pause()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._limits is not NO_LIMITS:
+                self._wait_since = self._conn.loop.time()
+            self._conn.resume()
 
     async def aclose(self) -> None:
+        self._on_data = self._on_end = None  # whoever piped it is done with it
+        self._pending = None
         self._conn.pool._unwatch(self)
         self._conn.finish(self, reusable=self._done and self.keep_alive)
 
@@ -203,12 +282,15 @@ class Http1Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.response is not None:
-            self.response.received = True
+        response = self.response
+        if response is not None:
+            response.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._abort(UpstreamClosed(f"malformed HTTP from upstream: {exc}"))
+        if response is not None and response._pending is not None:
+            response._flush_pending()  # everything this read carried, in one piece
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

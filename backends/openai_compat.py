@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Annotated, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -97,11 +98,33 @@ class UpstreamStream:
         except OSError as exc:
             raise _transport_error(exc, lost="upstream connection lost") from exc
 
+    async def next_chunk(self) -> bytes | None:
+        try:
+            return await self._response.next_chunk()
+        except OSError as exc:
+            raise _transport_error(exc, lost="upstream connection lost") from exc
+
     async def read(self) -> bytes:
         try:
             return await self._response.read()  # not via chunks(): one generator, not two
         except OSError as exc:
             raise _transport_error(exc, lost="upstream connection lost") from exc
+
+    def pipe(self, on_data: Callable[[bytes], None], on_end: Callable[[Any], None]) -> bool:
+        def ended(error: BaseException | None) -> None:
+            if isinstance(error, OSError):
+                on_end(_transport_error(error, lost="upstream connection lost"))
+            else:
+                on_end(error)
+
+        self._response.pipe(on_data, ended)
+        return True
+
+    def hold(self) -> None:
+        self._response.hold()
+
+    def release(self) -> None:
+        self._response.release()
 
     async def aclose(self) -> None:
         await self._response.aclose()

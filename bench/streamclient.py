@@ -136,7 +136,9 @@ class TaskStreamProtocol(StreamProtocol):
 
 async def run(port: int, streams: int, tokens: int, tasks: bool = False) -> dict[str, object]:
     opener = one_task if tasks else one_stream
+    started = time.perf_counter()
     protos = await asyncio.gather(*(opener(port) for _ in range(streams)))
+    wall_s = time.perf_counter() - started
     ttft, gaps, bad = [], [], 0
     decoder = msgspec.json.Decoder()
     for proto in protos:
@@ -152,7 +154,11 @@ async def run(port: int, streams: int, tokens: int, tasks: bool = False) -> dict
         if proto.stamps:
             ttft.append(proto.stamps[0] - proto.sent_at)
             gaps += [b - a for a, b in zip(proto.stamps[:-2], proto.stamps[1:-1], strict=True)]
-    return {"streams": streams, "ttft_s": ttft, "gaps_s": gaps, "bad_streams": bad}
+    events = sum(len(proto.stamps) for proto in protos)
+    return {
+        "streams": streams, "ttft_s": ttft, "gaps_s": gaps, "bad_streams": bad,
+        "events": events, "wall_s": wall_s,
+    }  # fmt: skip
 
 
 def main() -> None:

@@ -216,6 +216,7 @@ def create_app(
             await lifecycle.aclose()
             await state.stop()
             await webhooks.aclose()
+            access_log.flush()
 
     openapi_cache: list[tuple[Config, bytes]] = []
 

@@ -56,20 +56,33 @@ async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:
 
 
 async def send_bytes(
-    send: Any, status: int, body: bytes, headers: Headers, content_type: bytes = JSON
+    send: Any,
+    status: int,
+    body: bytes,
+    headers: Headers,
+    content_type: bytes = JSON,
+    wire: Any = None,
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    """A whole answer; with the front door's ``wire`` (``gateway.splice.ClientWire``) its
+    head and body leave in one write."""
+    if wire is not None:
+        wire.cork()
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+    finally:
+        if wire is not None:
+            wire.uncork()
 
 
 async def send_error(send: Any, error: GatewayError, headers: Headers) -> None:
@@ -88,22 +101,23 @@ class DisconnectWatch:
     completion as a disconnect too.
     """
 
-    __slots__ = ("_receive", "_task", "_timer", "_watcher", "disconnected", "finished")
+    __slots__ = ("_loop", "_receive", "_task", "_timer", "_watcher", "disconnected", "finished")
 
-    def __init__(self, receive: Any, *, delay_s: float = 0.05) -> None:
+    def __init__(
+        self, receive: Any, loop: asyncio.AbstractEventLoop, *, delay_s: float = 0.05
+    ) -> None:
         self.disconnected = False
         self.finished = False
         self._receive = receive
-        self._task = asyncio.current_task()
+        self._loop = loop  # passed in: on 3.11 each lookup of the running loop is a getpid
+        self._task = asyncio.current_task(loop)
         self._watcher: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            delay_s, self._start
-        )
+        self._timer: asyncio.TimerHandle | None = loop.call_later(delay_s, self._start)
 
     def _start(self) -> None:
         self._timer = None
         if not self.finished:
-            self._watcher = asyncio.ensure_future(self._watch())
+            self._watcher = self._loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:

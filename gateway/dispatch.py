@@ -12,7 +12,6 @@ gap for streams, and one total deadline for the whole request, retries included.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -84,7 +83,7 @@ async def dispatch(
     as placed; without it, the answer is read whole by the caller. ``ticket`` is an
     admission the caller already holds (the task API admits synchronously to answer 429
     before 202). ``client_retries``: the client's own ``x-stainless-retry-count``."""
-    deadline = asyncio.get_running_loop().time() + pool.config.timeouts.total_s
+    deadline = pool.loop.time() + pool.config.timeouts.total_s
     run = _Attempts(pool, priority, make_call, open_reader, ticket, deadline)
     try:
         return await run.once()  # the common case pays nothing for the retry machinery

@@ -38,6 +38,7 @@ from gateway.errors import (
     RequestTimeout,
     TooManyConnections,
 )
+from gateway.splice import WIRE_KEY, ClientWire
 
 log = logging.getLogger("orchgate")
 
@@ -70,6 +71,49 @@ class _Door:
     render: Render
 
 
+class CorkableTransport:
+    """The connection's transport as uvicorn writes to it, with a cork: while corked,
+    writes are held and leave together on ``uncork`` (a response's head and body in one
+    system call). Uncorked it passes every write straight on; anything else is the
+    transport's own, after what is held."""
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+
+    def cork(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def uncork(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._transport.write(data)
+        else:
+            held.append(data)
+
+    def close(self) -> None:
+        self.uncork()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.uncork()
+        self._transport.write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # get_extra_info, pause_reading, abort, ...
+        return getattr(self._transport, name)
+
+
 class FrontDoorProtocol(HttpToolsProtocol):
     door: ClassVar[_Door] = _Door(FrontDoorLimits(), _default_render)
 
@@ -90,6 +134,9 @@ class FrontDoorProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         over = len(self.connections) >= self.door.limits.max_connections
         super().connection_made(transport)
+        corked = CorkableTransport(transport)
+        self.transport = corked  # type: ignore[assignment]  # uvicorn's responses write here
+        self._wire = ClientWire(transport, self.flow, corked)  # gateway.splice, asgi.send_bytes
         if over:
             self._reject(TooManyConnections("too many open connections; retry shortly"))
             return
@@ -160,6 +207,7 @@ class FrontDoorProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        self.scope[WIRE_KEY] = self._wire  # type: ignore[literal-required]
         self._in_body = True
 
     def on_body(self, body: bytes) -> None:

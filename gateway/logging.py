@@ -5,12 +5,16 @@ them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 from typing import TextIO
 
 import msgspec
+
+FLUSH_S = 0.05  # access lines reach the log at most this late...
+_MAX_PENDING = 512  # ...or once this many wait
 
 
 class AccessRecord(msgspec.Struct, omit_defaults=True):
@@ -49,7 +53,12 @@ class TaskRecord(msgspec.Struct, omit_defaults=True, tag="task", tag_field="even
 
 
 class AccessLog:
-    __slots__ = ("_buffer", "_encoder", "_stream", "enabled")
+    """Lines are written in batches: the first line after a flush arms one timer, and
+    every line until it fires goes out in the same write (a system call per request cost
+    a tenth of the gateway's CPU per request; stderr's own buffer writes each line
+    through). ``flush`` at shutdown."""
+
+    __slots__ = ("_armed", "_buffer", "_encoder", "_pending", "_stream", "enabled")
 
     def __init__(self, *, enabled: bool, stream: TextIO | None = None) -> None:
         self.enabled = enabled
@@ -57,16 +66,40 @@ class AccessLog:
         # write bytes straight to the binary buffer when there is one (no str round trip)
         self._buffer = getattr(self._stream, "buffer", None)
         self._encoder = msgspec.json.Encoder()
+        self._pending: list[bytes] = []
+        self._armed = False
 
     def write(self, record: AccessRecord | TaskRecord) -> None:
         if not self.enabled:
             return
-        line = self._encoder.encode(record) + b"\n"
-        if self._buffer is not None:
-            self._buffer.write(line)
-            self._buffer.flush()
-        else:
-            self._stream.write(line.decode())
+        pending = self._pending
+        pending.append(self._encoder.encode(record))
+        if len(pending) >= _MAX_PENDING:
+            self.flush()
+        elif not self._armed:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a tool, a test): at once
+                self.flush()
+                return
+            self._armed = True
+            loop.call_later(FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        self._armed = False
+        if not self._pending:
+            return
+        data = b"\n".join(self._pending) + b"\n"
+        self._pending.clear()
+        try:
+            if self._buffer is not None:
+                self._buffer.write(data)
+                self._buffer.flush()
+            else:
+                self._stream.write(data.decode())
+                self._stream.flush()
+        except (OSError, ValueError):  # a closed or full stream must not stop serving
+            pass
 
 
 def now() -> float:

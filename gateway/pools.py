@@ -27,6 +27,7 @@ class PoolRuntime:
         "native_routes",
         "health",
         "id",
+        "_loop",
         "on_demand",
         "processes",
         "queue",
@@ -46,6 +47,7 @@ class PoolRuntime:
         self.on_demand = on_demand
         self.variant = variant  # which of the pool's settings runs: "default" or a variant id
         self.id = config.id
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.canonical = config.models[0]
         self.replicas = [ReplicaState(build_backend(r)) for r in config.replicas]
         self.queue = AdmissionQueue(
@@ -80,6 +82,15 @@ class PoolRuntime:
         self.native_routes = self.replicas[0].backend.native_routes
         self.retried = 0  # retry attempts made, for GET /metrics
         self.processes: list[ManagedProcess] = []
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the pool serves on, looked up once: on Python 3.11 every
+        ``asyncio.get_running_loop()`` is a ``getpid`` system call, a few per request."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def start(self, on_exit: Callable[[ReplicaState, int], None] | None = None) -> None:
         """Open the replicas' clients, launch the managed ones, start health probes.

@@ -331,19 +331,23 @@ MESSAGES = MessagesDialect()
 
 class SseReader:
     """Cuts an upstream byte stream into whole-event batches: ``first()`` once (still
-    retryable), then ``rest()`` for everything after it."""
+    retryable), then the rest -- pulled (``rest()``) or pushed from the upstream's own
+    callbacks (``take`` per piece, ``ending`` once: ``gateway.splice``)."""
 
-    __slots__ = ("_batches", "_buffer", "_chunks", "_dialect", "_hide_usage", "stats")
+    __slots__ = ("_buffer", "_dialect", "_hide_usage", "_upstream", "stats")
 
     def __init__(
         self, upstream: UpstreamResponse, *, hide_usage: bool = False, dialect: Dialect = OPENAI
     ) -> None:
-        self._chunks = upstream.chunks()
+        self._upstream = upstream
         self._buffer = b""
         self._hide_usage = hide_usage  # the gateway asked for usage, the client did not
         self._dialect = dialect
         self.stats = StreamStats()
-        self._batches = self._cut()
+
+    @property
+    def upstream(self) -> UpstreamResponse:
+        return self._upstream
 
     @property
     def estimates_tokens(self) -> bool:
@@ -373,26 +377,26 @@ class SseReader:
             events = _translate_error_fields(events)
         return self._dialect.inspect(self, events)
 
-    async def _cut(self) -> AsyncIterator[bytes]:
-        """Whole events as they complete; at EOF, what is left is flushed (an unterminated
-        event gets its blank line; anything else goes as it came)."""
-        async for data in self._chunks:
-            buffer = self._buffer + data if self._buffer else data
-            cut = last_boundary(buffer)
-            if cut < 0:
-                self._buffer = buffer
-                continue
-            self._buffer = buffer[cut:]
-            batch = self._inspect(buffer[:cut])
-            if batch:  # empty only when it held nothing but a hidden usage chunk
-                yield batch
-        if self._buffer:
-            tail, self._buffer = self._buffer, b""
-            if tail.strip() and last_boundary(tail) != len(tail):
-                tail += b"\n\n"  # an unterminated last event: end it so clients dispatch it
-            batch = self._inspect(tail)  # else as it came (the LF of a split CRLF, say)
-            if batch:
-                yield batch
+    def take(self, data: bytes) -> bytes:
+        """The whole events ``data`` completes, inspected; b"" while an event is open (or
+        when all it held was a hidden usage chunk)."""
+        buffer = self._buffer + data if self._buffer else data
+        cut = last_boundary(buffer)
+        if cut < 0:
+            self._buffer = buffer
+            return b""
+        self._buffer = buffer[cut:]
+        return self._inspect(buffer[:cut])
+
+    def flush(self) -> bytes:
+        """At EOF, what is left: an unterminated event gets its blank line; anything else
+        goes as it came (the LF of a split CRLF, say)."""
+        tail, self._buffer = self._buffer, b""
+        if not tail:
+            return b""
+        if tail.strip() and last_boundary(tail) != len(tail):
+            tail += b"\n\n"  # an unterminated last event: end it so clients dispatch it
+        return self._inspect(tail)
 
     async def first(self) -> bytes:
         """The first batch of whole events; a failure here is still retryable.
@@ -400,10 +404,15 @@ class SseReader:
         Raises ``BackendFailed`` if the stream ends before any event or opens with an
         in-band error (vLLM and llama.cpp both report some failures that way).
         """
-        try:
-            first = await anext(self._batches)
-        except StopAsyncIteration:
-            raise BackendFailed("upstream closed the stream before the first event") from None
+        first = b""
+        while not first:
+            data = await self._upstream.next_chunk()
+            if data is None:
+                first = self.flush()
+                if not first:
+                    raise BackendFailed("upstream closed the stream before the first event")
+                break
+            first = self.take(data)
         error = self._dialect.opening_error(first)
         if error is not None:
             raise error
@@ -411,22 +420,34 @@ class SseReader:
 
     async def rest(self) -> AsyncIterator[bytes]:
         """Everything after ``first()``, properly ended even when the upstream fails."""
-        stats = self.stats
+        upstream = self._upstream
         try:
-            async for batch in self._batches:
-                yield batch
+            while (data := await upstream.next_chunk()) is not None:
+                batch = self.take(data)
+                if batch:
+                    yield batch
         except BackendError as exc:
-            if stats.done:  # the stream was complete; what followed its end does not matter
-                return
-            code = _code_for(exc)
-            stats.failed = code
-            for piece in self._dialect.failure(f"upstream failed mid-stream: {exc.message}", code):
-                yield piece
-            return
-        if not stats.done:
-            stats.failed = CODE_TRUNCATED
-            for piece in self._dialect.failure(self._dialect.truncated, CODE_TRUNCATED):
-                yield piece
+            ending = self.ending(exc)
+        else:
+            ending = self.ending(None)
+        if ending:
+            yield ending
+
+    def ending(self, error: BackendError | None) -> bytes:
+        """What follows the last piece: the tail at EOF, then, for a stream that failed
+        (``error``) or stopped before its end, the dialect's in-band error."""
+        stats = self.stats
+        tail = self.flush() if error is None else b""
+        if stats.done:  # complete; whatever followed its end does not matter
+            return tail
+        dialect = self._dialect
+        if error is not None:
+            code = stats.failed = _code_for(error)
+            message = f"upstream failed mid-stream: {error.message}"
+        else:
+            code = stats.failed = CODE_TRUNCATED
+            message = dialect.truncated
+        return tail + b"".join(dialect.failure(message, code))
 
     def failure(self, message: str) -> bytes:
         """What the relay sends when it fails itself (a gateway bug) mid-stream."""
@@ -457,27 +478,39 @@ class RawReader:
     ``/completion`` stream, audio): no events to cut, no end marker to expect, nothing
     appended -- a failure after the first byte can only end the body early."""
 
-    __slots__ = ("_chunks", "estimates_tokens", "stats")
+    __slots__ = ("_upstream", "estimates_tokens", "stats")
 
     def __init__(self, upstream: UpstreamResponse) -> None:
-        self._chunks = upstream.chunks()
+        self._upstream = upstream
         self.stats = StreamStats()
         self.estimates_tokens = False
 
+    @property
+    def upstream(self) -> UpstreamResponse:
+        return self._upstream
+
     async def first(self) -> bytes:
-        try:
-            return await anext(self._chunks)
-        except StopAsyncIteration:
-            return b""  # an empty body is a body
+        return await self._upstream.next_chunk() or b""  # an empty body is a body
+
+    def take(self, data: bytes) -> bytes:
+        return data
 
     async def rest(self) -> AsyncIterator[bytes]:
+        upstream = self._upstream
         try:
-            async for chunk in self._chunks:
-                yield chunk
+            while (data := await upstream.next_chunk()) is not None:
+                yield data
         except BackendError as exc:
-            self.stats.failed = _code_for(exc)
+            self.ending(exc)
             return
-        self.stats.done = True
+        self.ending(None)
+
+    def ending(self, error: BackendError | None) -> bytes:
+        if error is not None:
+            self.stats.failed = _code_for(error)
+        else:
+            self.stats.done = True
+        return b""
 
     def failure(self, message: str) -> bytes:
         return b""

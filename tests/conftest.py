@@ -18,6 +18,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import Config, config_from_mapping
+from gateway.logging import FLUSH_S
 from gateway.state import GatewayState
 from tests.fakes.servers import REPO, AiohttpThread, UvicornThread
 from tests.fakes.upstream import FakeUpstream
@@ -57,6 +58,12 @@ class Gateway:
     @property
     def url(self) -> str:
         return self.server.url
+
+    def access_log(self) -> bytes:
+        """The access log once the lines of the requests made so far are written (the
+        gateway writes them in batches, ``gateway.logging.FLUSH_S`` apart)."""
+        time.sleep(FLUSH_S + 0.1)
+        return self.log_path.read_bytes()
 
     def slots_in_use(self) -> int:
         return sum(r.in_use for r in self.state.all_replicas())

@@ -89,7 +89,7 @@ slots = 4
         fake.script.append({"mode": "status", "status": 400})
         refused = {"model": "m", "messages": messages}
         assert httpx.post(chat, headers=auth, json=refused).status_code == 400
-    raw = gateway.log_path.read_bytes()
+    raw = gateway.access_log()
     assert CANARY.encode() not in raw, "a prompt, completion or credential reached the logs"
     assert b"Bearer" not in raw
     lines = [msgspec.json.decode(line) for line in raw.splitlines() if line.strip()]

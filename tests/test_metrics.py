@@ -131,7 +131,7 @@ def test_scrape_after_real_traffic_has_every_series_with_the_right_values(
     assert value(series, "model_state", model_id="ghost", state="Active") == 1
 
     # the access log carries the same counts, per request
-    log = gateway.log_path.read_text()
+    log = gateway.access_log().decode()
     assert f'"tokens_in":{prompt},"tokens_out":{MAX_TOKENS}' in log
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -102,14 +103,29 @@ def test_status_classes() -> None:
 
 
 class Upstream:
+    """An upstream body in fixed pieces, pulled (the relay's pipe is tested end to end)."""
+
     def __init__(self, parts: list[bytes]) -> None:
         self.parts = parts
+        self._left = list(parts)
         self.status = 200
         self.content_type = "text/event-stream"
 
     async def chunks(self) -> AsyncIterator[bytes]:
         for part in self.parts:
             yield part
+
+    async def next_chunk(self) -> bytes | None:
+        return self._left.pop(0) if self._left else None
+
+    def pipe(self, on_data: Any, on_end: Any) -> bool:
+        return False
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
     async def read(self) -> bytes:
         return b"".join(self.parts)
@@ -119,9 +135,18 @@ class Upstream:
 
 
 async def collect(parts: list[bytes]) -> list[bytes]:
+    """What the relay sends for ``parts``, pulled (``rest``); pushed (``take`` per piece,
+    then ``ending``, as ``gateway.splice`` drives it) must send exactly the same."""
     reader = SseReader(Upstream(parts))
     out = [await reader.first()]
     out += [b async for b in reader.rest()]
+    pushed = SseReader(upstream := Upstream(parts))
+    same = [await pushed.first()]
+    same += [batch for part in list(upstream._left) if (batch := pushed.take(part))]
+    if ending := pushed.ending(None):
+        same.append(ending)
+    assert same == out, (same, out)
+    assert (pushed.stats.events, pushed.stats.done) == (reader.stats.events, reader.stats.done)
     return out
 
 
@@ -148,8 +173,9 @@ async def test_llamacpp_error_line_is_translated() -> None:
 
 async def test_truncated_stream_gets_error_and_done() -> None:
     out = await collect([b'data: {"a":1}\n\n', b'data: {"b":'])
-    assert out[-1] == b"data: [DONE]\n\n"
-    assert b"without [DONE]" in out[-2]
+    events = b"".join(out).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]  # the stream's last event
+    assert b"without [DONE]" in events[-3] and events[-4] == b'data: {"b":'  # tail kept
 
 
 def test_upstream_errors_keep_what_the_engine_said() -> None:

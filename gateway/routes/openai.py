@@ -48,6 +48,7 @@ from gateway.errors import (
 from gateway.exchange import Exchange, admission_error, check_serves
 from gateway.logging import AccessLog
 from gateway.pools import PoolRuntime
+from gateway.splice import ClientWire, Splice, client_wire
 from gateway.state import GatewayState
 from gateway.streaming import RawReader, Reader, SseReader
 from gateway.wire import (
@@ -264,9 +265,9 @@ class OpenAIProxy:
             await serve(headers, ex)
         except GatewayError as error:
             ex.status, ex.error = error.status, error.code
-            await _send_error(send, surface, error, headers)
+            await _send_error(send, surface, error, headers, client_wire(scope))
         except BackendError as error:
-            await _send_backend_error(send, surface, error, headers, ex)
+            await _send_backend_error(send, surface, error, headers, ex, client_wire(scope))
         except ClientDisconnected:
             ex.status, ex.error = 499, "client_disconnected"
         except asyncio.CancelledError:
@@ -355,7 +356,7 @@ class OpenAIProxy:
         headers: Headers,
         ex: Exchange,
     ) -> None:
-        watch = ex.watch = DisconnectWatch(receive)
+        watch = ex.watch = DisconnectWatch(receive, plan.pool.loop)
         try:
             committed = await ex.open(
                 plan.pool,
@@ -371,9 +372,11 @@ class OpenAIProxy:
             (b"x-orchgate-attempts", str(committed.attempts).encode()),
         ]
         if plan.relay is Relay.WHOLE:
-            await _whole(committed, send, headers, watch, ex)
+            await _whole(committed, send, headers, watch, ex, client_wire(scope))
         else:
-            await _relayed(committed, send, headers, watch, ex, events=plan.relay is Relay.EVENTS)
+            events = plan.relay is Relay.EVENTS
+            await _relayed(committed, scope, send, headers, watch, ex, events=events,
+                           loop=plan.pool.loop)  # fmt: skip
 
     # -- /upstream/{model}/{route}: engine-native routes ---------------------------------
     async def upstream(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -500,13 +503,19 @@ class OpenAIProxy:
 
 # -- relays --------------------------------------------------------------------------------
 async def _whole(
-    committed: Committed, send: Any, headers: Headers, watch: DisconnectWatch, ex: Exchange
+    committed: Committed,
+    send: Any,
+    headers: Headers,
+    watch: DisconnectWatch,
+    ex: Exchange,
+    wire: ClientWire | None,
 ) -> None:
     upstream = committed.upstream
     body = await upstream.read()
     ex.first_byte = time.perf_counter()
     watch.finish()
-    await send_bytes(send, upstream.status, body, headers, upstream.content_type.encode())
+    kind = upstream.content_type.encode()
+    await send_bytes(send, upstream.status, body, headers, kind, wire)
     ex.status = upstream.status
     usage, _ = usage_of(body)
     ex.count_usage(usage)
@@ -514,12 +523,14 @@ async def _whole(
 
 async def _relayed(
     committed: Committed,
+    scope: dict[str, Any],
     send: Any,
     headers: Headers,
     watch: DisconnectWatch,
     ex: Exchange,
     *,
     events: bool,
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
     """An answer sent on as it arrives: SSE events (``events``) or raw bytes."""
     upstream = committed.upstream
@@ -533,6 +544,25 @@ async def _relayed(
     ex.first_byte = time.perf_counter()
     reader = committed.reader
     assert reader is not None
+    wire = client_wire(scope) if ex.status not in (204, 304) else None  # else not chunked
+    spliced = False
+    if wire is not None:  # from here on, upstream bytes go straight to the client's socket
+        splice = Splice(reader, wire, loop)
+        spliced = await splice.run()
+        if splice.failed:
+            ex.error = "internal_error"
+    if not spliced:
+        await _pulled(reader, send, ex)
+    ex.events = reader.stats.events if events else None
+    if reader.stats.failed:
+        ex.error = reader.stats.failed
+    watch.finish()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _pulled(reader: Reader, send: Any, ex: Exchange) -> None:
+    """The rest of the answer relayed by the request's task, one ASGI message per batch
+    (any ASGI server; the front door splices instead)."""
     try:
         async for batch in reader.rest():
             await send({"type": "http.response.body", "body": batch, "more_body": True})
@@ -547,23 +577,29 @@ async def _relayed(
             }
         )
         ex.error = "internal_error"
-    ex.events = reader.stats.events if events else None
-    if reader.stats.failed:
-        ex.error = reader.stats.failed
-    watch.finish()
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _send_error(send: Any, surface: Surface, error: GatewayError, headers: Headers) -> None:
+async def _send_error(
+    send: Any,
+    surface: Surface,
+    error: GatewayError,
+    headers: Headers,
+    wire: ClientWire | None = None,
+) -> None:
     extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     envelope = error.envelope()
     if surface is Surface.ANTHROPIC:
         envelope = anthropic_envelope(error.status, envelope)
-    await send_bytes(send, error.status, encoder.encode(envelope), headers + extra)
+    await send_bytes(send, error.status, encoder.encode(envelope), headers + extra, wire=wire)
 
 
 async def _send_backend_error(
-    send: Any, surface: Surface, error: BackendError, headers: Headers, ex: Exchange
+    send: Any,
+    surface: Surface,
+    error: BackendError,
+    headers: Headers,
+    ex: Exchange,
+    wire: ClientWire | None = None,
 ) -> None:
     ex.status = backend_error_status(error)
     ex.error = "upstream_error"
@@ -581,4 +617,4 @@ async def _send_backend_error(
         body = error.raw  # the worker contract's own answer, as the worker gave it
     else:
         body = error.encoded_body()
-    await send_bytes(send, ex.status, body, headers + extra)
+    await send_bytes(send, ex.status, body, headers + extra, wire=wire)

@@ -20,6 +20,8 @@ import httpx
 import uvicorn
 from aiohttp import web
 
+from gateway.logging import FLUSH_S
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -80,6 +82,7 @@ class UvicornThread:
             log_level="warning",
             access_log=False,
             proxy_headers=False,
+            server_header=False,  # as `orchgate serve`
         )
         self.server = _PromptServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -184,6 +187,12 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def access_log(self) -> bytes:
+        """Everything it wrote once the access lines of the requests so far are out (they
+        are written in batches, ``gateway.logging.FLUSH_S`` apart)."""
+        time.sleep(FLUSH_S + 0.1)
+        return self.log_path.read_bytes()
 
 
 @contextmanager
