@@ -135,16 +135,16 @@ class Http1Response:
             self._headers_waiter.set_result(None)
 
     def _feed(self, data: bytes) -> None:
-        if self._limits is not NO_LIMITS:
-            self._last_data = self._conn.loop.time()
-            self._body_started = True  # from now on the idle limit replaces the first-byte one
-        if self._on_data is not None:
+        if self._on_data is not None:  # piped: handed over once the read is parsed
             pending = self._pending
             if pending is None:
                 self._pending = [data]
             else:
                 pending.append(data)
             return
+        if self._limits is not NO_LIMITS:
+            self._last_data = self._conn.loop.time()
+            self._body_started = True  # from now on the idle limit replaces the first-byte one
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -171,6 +171,9 @@ class Http1Response:
         pending = self._pending
         if pending is not None:
             self._pending = None
+            if self._limits is not NO_LIMITS:  # once per read, not per chunk
+                self._last_data = self._conn.loop.time()
+                self._body_started = True
             on_data = self._on_data
             if on_data is not None:
                 on_data(pending[0] if len(pending) == 1 else b"".join(pending))

@@ -142,32 +142,9 @@ class Peers:
             1,
             [py, "-m", "gateway", "serve", "--config", str(config), "--log-level", "warning"],
         )
-        self.spawn(
-            "aiohttp",
-            1,
-            [
-                py,
-                "-m",
-                "bench.aiohttp_proxy",
-                "--listen",
-                str(PORTS["aiohttp"]),
-                "--upstream",
-                str(PORTS["direct"]),
-            ],
-        )
-        self.spawn(
-            "forwarder",
-            1,
-            [
-                py,
-                "-m",
-                "bench.forwarder",
-                "--listen",
-                str(PORTS["forwarder"]),
-                "--upstream",
-                str(PORTS["direct"]),
-            ],
-        )
+        for name, module in (("aiohttp", "bench.aiohttp_proxy"), ("forwarder", "bench.forwarder")):
+            listen, upstream = str(PORTS[name]), str(PORTS["direct"])
+            self.spawn(name, 1, [py, "-m", module, "--listen", listen, "--upstream", upstream])
         nginx = shutil.which("nginx") or (
             "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
         )

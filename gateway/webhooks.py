@@ -23,12 +23,14 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import msgspec
 
 from gateway.config import WebhookConfig
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("orchgate.webhooks")
 
@@ -95,7 +97,7 @@ class Webhooks:
     def __init__(self, configs: list[WebhookConfig], *, backoff_s: float = 1.0) -> None:
         self._receivers = [_Receiver(c) for c in configs]
         self._backoff_s = backoff_s
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # made at the first delivery
         self._pending: set[asyncio.Task[None]] = set()
         self.delivered = 0
         self.failed = 0
@@ -124,6 +126,8 @@ class Webhooks:
             task.add_done_callback(self._pending.discard)
 
     async def _deliver(self, receiver: _Receiver, event: str, delivery: str, body: bytes) -> None:
+        import httpx  # here: a gateway without webhooks never pays its import (~5 MB)
+
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=False)
         config = receiver.config
