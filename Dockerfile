@@ -5,7 +5,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY backends ./backends
 COPY policies ./policies
-RUN pip install --no-cache-dir . && useradd --system --create-home orchgate
+RUN pip install --no-cache-dir ".[cluster]" && useradd --system --create-home orchgate
 USER orchgate
 EXPOSE 8080
 CMD ["orchgate", "serve", "--config", "/etc/orchgate/orchgate.toml"]

@@ -204,6 +204,19 @@ class CatalogConfig(Strict, frozen=True):
     score_weight: Annotated[float, Meta(ge=0, le=1)] = 0.5
 
 
+class ClusterConfig(Strict, frozen=True):
+    """Several gateways on one Redis/Valkey (``gateway.cluster``); absent: one process,
+    nothing imported. ``standby``: one leader serves, the others wait to take over."""
+
+    mode: Literal["standby"] = "standby"
+    url: str = "redis://127.0.0.1:6379/0"  # env ORCHGATE_CLUSTER_URL overrides
+    node_id: Identifier | None = None  # default: the host name and a random suffix
+    lease_s: Annotated[float, Meta(ge=1, le=60)] = 5.0  # the leader's lease
+    heartbeat_s: Annotated[float, Meta(gt=0, le=30)] = 1.0  # renewals and takeover attempts
+    op_timeout_s: Annotated[float, Meta(gt=0, le=10)] = 0.5  # any one Redis command
+    key_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "og"
+
+
 class Config(Strict, frozen=True):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -213,6 +226,7 @@ class Config(Strict, frozen=True):
     webhooks: list[WebhookConfig] = []
     pools: list[PoolConfig] = []
     catalog: CatalogConfig | None = None
+    cluster: ClusterConfig | None = None
 
     @property
     def host(self) -> str:
@@ -266,6 +280,31 @@ def validate(config: Config) -> None:
     _check_webhooks(config.webhooks)
     if config.catalog is not None:
         _check_catalog(config.catalog)
+    if config.cluster is not None:
+        _check_cluster(config)
+
+
+def _check_cluster(config: Config) -> None:
+    cluster = config.cluster
+    assert cluster is not None
+    if cluster.heartbeat_s * 2 > cluster.lease_s:
+        raise ConfigError(
+            "cluster.heartbeat_s: renew at least twice per lease (heartbeat_s <= lease_s / 2)"
+        )
+    if not re.match(r"^rediss?://", cluster.url):
+        raise ConfigError("cluster.url: expected redis://HOST:PORT/DB or rediss://...")
+    # processes a node starts would run on every node at once: one host's owner is later work
+    if config.catalog is not None:
+        raise ConfigError("cluster: [catalog] (models on demand) is single-gateway for now")
+    for i, pool in enumerate(config.pools):
+        for j, replica in enumerate(
+            [*pool.replicas, *(r for v in pool.variants for r in v.replicas)]
+        ):
+            if getattr(replica, "launch", None):
+                raise ConfigError(
+                    f"pools[{i}].replicas[{j}].launch: in cluster mode replicas are reached by "
+                    "url (every node would start its own copy of a managed process)"
+                )
 
 
 def _check_webhooks(webhooks: list[WebhookConfig]) -> None:

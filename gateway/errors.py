@@ -245,3 +245,11 @@ def anthropic_envelope(status: int, envelope: dict[str, Any]) -> dict[str, Any]:
         status, "api_error" if status >= 500 else "invalid_request_error"
     )
     return {"type": "error", "error": inner}
+
+
+class NotLeader(GatewayError):
+    """A standby gateway (``[cluster] mode = "standby"``): the leader serves."""
+
+    status = 503
+    type = "server_error"
+    code = "not_leader"

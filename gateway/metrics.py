@@ -123,6 +123,16 @@ class GatewayCollector(Collector):
                 model_state.add_metric([model, name], 1 if name == state else 0)
         yield from (depth, enqueued, rejected, tokens_in, tokens_out, gpu_util, vram_used)
         yield model_state
+        yield from self._cluster()
+
+    def _cluster(self) -> Iterator[Metric]:
+        cluster = self.state.cluster
+        if cluster is not None:  # [cluster]: 1 on the node that leads (alert when none does)
+            leader = GaugeMetricFamily(
+                "orchgate_cluster_leader", "1 while this node leads the cluster.", labels=["node"]
+            )
+            leader.add_metric([cluster.view()["node"]], 1 if cluster.leading else 0)
+            yield leader
 
     def _extended(self) -> Iterator[Metric]:
         labels = ["pool_id", "replica_id"]

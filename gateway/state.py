@@ -41,6 +41,15 @@ class CatalogListing(Protocol):
     ) -> tuple[Counter[tuple[str, str, str]], dict[str, list[float]], Counter[str]]: ...
 
 
+class ClusterRole(Protocol):
+    """This node's part in a cluster (``gateway.cluster.standby.Standby``)."""
+
+    @property
+    def leading(self) -> bool: ...
+
+    def view(self) -> dict[str, Any]: ...
+
+
 class GatewayState:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -62,6 +71,7 @@ class GatewayState:
         self.nvml: Nvml | None = None
         self._gpu_poller: asyncio.Task[None] | None = None
         self.catalog: CatalogListing | None = None  # models on demand, when configured
+        self.cluster: ClusterRole | None = None  # [cluster]: this node's role (gateway.cluster)
         metrics = config.metrics
         self.history = History(
             self, interval_s=metrics.history_interval_s, window_s=metrics.history_s

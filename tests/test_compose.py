@@ -138,3 +138,28 @@ def _sample() -> Any:
     from backends.gpu import GpuSample
 
     return GpuSample(0, "gpu", 5, 1, 2, 3)
+
+
+def test_the_standby_overlay_runs_two_gateways_behind_a_ready_check() -> None:
+    """``compose.standby.yaml``: a second gateway, Valkey and HAProxy; both gateways read a
+    config with ``[cluster]`` and url replicas only; the LB checks ``GET /ready``."""
+    overlay = yaml.safe_load((REPO / "compose.standby.yaml").read_text())
+    services = overlay["services"]
+    assert {"orchgate", "orchgate-b", "valkey", "lb"} <= services.keys()
+    merged = json.loads(json.dumps(COMPOSE))
+    for name, service in services.items():
+        base = merged["services"].setdefault(name, {})
+        base.update({k: v for k, v in service.items() if k != "environment"})
+        base["environment"] = {**base.get("environment", {}), **service.get("environment", {})}
+    validator = jsonschema_rs.validator_for(SCHEMA)
+    assert [e.message for e in validator.iter_errors(merged)] == []
+    for name in ("orchgate", "orchgate-b"):
+        (volume,) = services[name]["volumes"]
+        source = REPO / volume.split(":")[0]
+        config = parse_config(source.read_text(), env={"ORCHGATE_API_TOKEN": "t"})
+        assert config.cluster is not None and config.cluster.mode == "standby"
+        assert services[name]["environment"]["ORCHGATE_CLUSTER_URL"] == "redis://valkey:6379/0"
+    haproxy = (REPO / "deploy" / "haproxy.cfg").read_text()
+    assert "option httpchk GET /ready" in haproxy and "orchgate-b:8080 check" in haproxy
+    assert all(p.startswith("127.0.0.1:") for p in services["lb"]["ports"])
+    assert "noeviction" in services["valkey"]["command"]

@@ -28,4 +28,9 @@ def test_every_toml_example_in_the_readme_parses() -> None:
     assert len(blocks) >= 3
     for block in blocks:
         config = parse_config(block, env={})
-        assert config.pools or (config.catalog is not None and config.catalog.recipes)
+        # a block shows pools, catalog recipes or the cluster section (a fragment beside pools)
+        assert (
+            config.pools
+            or (config.catalog is not None and config.catalog.recipes)
+            or config.cluster is not None
+        )

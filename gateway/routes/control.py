@@ -89,26 +89,43 @@ def _replica_view(replica: ReplicaState, load: ReplicaLoad | None) -> dict[str, 
     }
 
 
-def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[Any]) -> list[Any]:
+def serving(state: GatewayState) -> bool:
+    """This node's pools can serve: not draining, every pool ready -- a catalog model that
+    is not loaded is ready to load, not a broken pool."""
+    return not state.draining and all(
+        pool.queue.is_ready() for pool in state.pools.values() if not pool.on_demand
+    )
+
+
+def probe_handlers(state: GatewayState) -> list[Any]:
+    """``/health`` (liveness and this node's readiness) and ``/ready`` (whether a load
+    balancer should send it traffic: in a cluster, only the leader)."""
+
+    def with_cluster(body: dict[str, Any]) -> dict[str, Any]:
+        if state.cluster is not None:
+            body["cluster"] = state.cluster.view()
+        return body
+
     @get("/health")
     async def health() -> Response[dict[str, Any]]:
         pools = {pool_id: pool_summary(pool) for pool_id, pool in state.pools.items()}
-        # a catalog model that is not loaded is ready to load, not a broken pool
-        ready = not state.draining and all(
-            p["ready"] for pool_id, p in pools.items() if not state.pools[pool_id].on_demand
-        )
+        ready = serving(state)
         status = "draining" if state.draining else "ok" if ready else "unready"
-        return Response(
-            {
-                "status": status,
-                "live": True,
-                "ready": ready,
-                "tasks_active": state.tasks.active(),
-                "pools": pools,
-            },
-            status_code=200 if ready else 503,
-        )
+        body = {"status": status, "live": True, "ready": ready,
+                "tasks_active": state.tasks.active(), "pools": pools}  # fmt: skip
+        return Response(with_cluster(body), status_code=200 if ready else 503)
 
+    @get("/ready")
+    async def ready() -> Response[dict[str, Any]]:
+        pools_ready = serving(state)
+        leading = state.cluster is None or state.cluster.leading
+        body = {"ready": pools_ready and leading, "pools_ready": pools_ready}
+        return Response(with_cluster(body), status_code=200 if body["ready"] else 503)
+
+    return [health, ready]
+
+
+def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[Any]) -> list[Any]:
     @get("/v1/pools/{pool_id:str}/health", guards=guards)
     async def pool_health(pool_id: str) -> dict[str, Any]:
         pool = state.pools.get(pool_id)
@@ -133,9 +150,7 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
         return {
             "version": __version__,
             "uptime_s": round(time.time() - state.started_at, 1),
-            # as /health: a catalog model that is not loaded is ready to load, not down
-            "ready": not state.draining
-            and all(p["ready"] for p, r in zip(pools, runtimes, strict=True) if not r.on_demand),
+            "ready": serving(state),
             "draining": state.draining,
             "tasks_active": state.tasks.active(),
             "pools": pools,
@@ -171,4 +186,4 @@ def control_handlers(state: GatewayState, lifecycle: Lifecycle, *, guards: list[
         """Prometheus text; unauthenticated like ``/health`` (scrapers rarely send tokens)."""
         return metrics_text.render()
 
-    return [health, pool_health, metrics, status, status_history, status_page, root]
+    return [*probe_handlers(state), pool_health, metrics, status, status_history, status_page, root]

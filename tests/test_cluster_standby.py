@@ -1,0 +1,228 @@
+"""``[cluster] mode = "standby"`` with a real ``redis-server`` and three real ``orchgate
+serve`` processes on loopback, in front of one fake engine.
+
+One node leads (``/ready`` 200) and serves; the standbys answer 503 with ``Retry-After`` and
+the leader's name. The leader SIGKILLed mid-stream: another node is ready within the lease
+(≤ 6 s with the defaults). A leader stopped gracefully resigns: the next one leads within a
+heartbeat or two. Redis frozen: the leader steps down by its own clock before its lease can
+expire (no two leaders), and a node leads again once Redis answers. Without ``[cluster]``
+the Redis client is never imported.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.config import ConfigError, config_from_mapping
+from tests.conftest import REPO, RedisServer, free_port
+from tests.fakes.servers import GatewayProcess, gateway_process, wait_until
+
+pytestmark = pytest.mark.slow  # three gateway processes and a redis-server
+
+NODES = ("gw-a", "gw-b", "gw-c")
+
+
+def node_config(directory: Path, node: str, port: int, upstream: str, redis_url: str) -> Path:
+    directory.mkdir()
+    path = directory / "orchgate.toml"
+    path.write_text(
+        f"""
+[server]
+bind = "127.0.0.1:{port}"
+
+[cluster]
+mode = "standby"
+url = "{redis_url}"
+node_id = "{node}"
+
+[[pools]]
+id = "p"
+models = ["m"]
+
+[[pools.replicas]]
+id = "fake"
+engine = "openai"
+url = "{upstream}"
+slots = 8
+"""
+    )
+    return path
+
+
+@contextmanager
+def cluster(
+    tmp_path: Path, upstream: str, redis: RedisServer
+) -> Iterator[dict[str, GatewayProcess]]:
+    with ExitStack() as stack:
+        nodes = {}
+        for node in NODES:
+            port = free_port()
+            config = node_config(tmp_path / node, node, port, upstream, redis.url)
+            nodes[node] = stack.enter_context(gateway_process(config, port))
+        yield nodes
+
+
+def ready(gateway: GatewayProcess) -> bool:
+    try:
+        return httpx.get(gateway.url + "/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def leaders(nodes: dict[str, GatewayProcess]) -> list[str]:
+    return [name for name, gw in nodes.items() if gw.process.poll() is None and ready(gw)]
+
+
+def one_leader(nodes: dict[str, GatewayProcess], timeout: float = 10) -> str:
+    assert wait_until(lambda: len(leaders(nodes)) == 1, timeout=timeout), leaders(nodes)
+    return leaders(nodes)[0]
+
+
+def chat(gateway: GatewayProcess) -> httpx.Response:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10)
+
+
+def test_one_leader_serves_and_the_standbys_point_to_it(
+    fake_upstream: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    _, upstream = fake_upstream
+    with cluster(tmp_path, upstream.url, redis_server) as nodes:
+        leader = one_leader(nodes)
+        client = openai.OpenAI(base_url=nodes[leader].url + "/v1", api_key="x", max_retries=0)
+        answer = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.choices[0].message.content
+        for name, gw in nodes.items():
+            health = httpx.get(gw.url + "/health", timeout=5)
+            assert health.status_code == 200  # every node is alive and its pools are ready
+            view = health.json()["cluster"]
+            assert view["node"] == name and view["leader"] == leader
+            if name == leader:
+                assert view["role"] == "leader" and view["epoch"] >= 1
+                metrics = httpx.get(gw.url + "/metrics", timeout=5).text
+                assert f'orchgate_cluster_leader{{node="{name}"}} 1.0' in metrics
+                continue
+            assert view["role"] == "standby" and view["epoch"] is None
+            refused = chat(gw)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["x-orchgate-leader"] == leader
+            assert refused.json()["error"]["code"] == "not_leader"
+            assert httpx.get(gw.url + "/ready", timeout=5).json()["pools_ready"] is True
+            metrics = httpx.get(gw.url + "/metrics", timeout=5)
+            assert f'orchgate_cluster_leader{{node="{name}"}} 0.0' in metrics.text
+
+
+def test_the_leader_killed_mid_stream_is_replaced_within_the_lease(
+    fake_upstream: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    _, upstream = fake_upstream
+    with cluster(tmp_path, upstream.url, redis_server) as nodes:
+        first = one_leader(nodes)
+        cut: list[BaseException] = []
+
+        def stream() -> None:
+            body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}],
+                    "fake": {"chunks": 200, "delay_s": 0.05}}  # fmt: skip
+            try:
+                with httpx.stream("POST", nodes[first].url + "/v1/chat/completions", json=body,
+                                  timeout=30) as response:  # fmt: skip
+                    for _ in response.iter_bytes():
+                        pass
+            except httpx.HTTPError as exc:
+                cut.append(exc)
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        assert wait_until(lambda: nodes[first].process.poll() is None, timeout=1)
+        time.sleep(0.5)  # mid-stream
+        killed_at = time.monotonic()
+        nodes[first].process.send_signal(signal.SIGKILL)
+        nodes[first].process.wait()
+        second = one_leader(nodes, timeout=10)
+        took = time.monotonic() - killed_at
+        print(f"standby failover after SIGKILL: {took:.2f} s")
+        assert second != first and took <= 6.0, took
+        streaming.join(timeout=10)
+        assert cut, "the stream through the killed node ended without an error"
+        assert chat(nodes[second]).status_code == 200
+
+        # a graceful stop resigns the lead: the last node takes it within a heartbeat or two
+        stopped_at = time.monotonic()
+        nodes[second].process.terminate()
+        third = one_leader(nodes, timeout=10)
+        handover = time.monotonic() - stopped_at
+        print(f"graceful handover: {handover:.2f} s")
+        assert third not in (first, second) and handover <= 3.0
+        assert chat(nodes[third]).status_code == 200
+
+
+def test_redis_frozen_the_leader_steps_down_before_its_lease_ends(
+    fake_upstream: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    _, upstream = fake_upstream
+    with cluster(tmp_path, upstream.url, redis_server) as nodes:
+        leader = one_leader(nodes)
+        redis_server.pause()
+        paused_at = time.monotonic()
+        try:
+            # by its own clock: 0.7 x the 5 s lease after its last renewal
+            assert wait_until(lambda: not leaders(nodes), timeout=6)
+            stepped_down = time.monotonic() - paused_at
+            print(f"leader stepped down {stepped_down:.2f} s after Redis froze")
+            assert stepped_down < 5.0  # before the lease could have ended
+            refused = chat(nodes[leader])
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_leader"
+            view = httpx.get(nodes[leader].url + "/health", timeout=5).json()["cluster"]
+            assert view["store_reachable"] is False
+        finally:
+            redis_server.resume()
+        assert one_leader(nodes, timeout=12)
+
+
+def test_without_a_cluster_section_redis_is_never_imported() -> None:
+    probe = (
+        "import sys\n"
+        "from gateway.app import create_app\n"
+        "from gateway.config import config_from_mapping\n"
+        "create_app(config_from_mapping({'pools': [{'id': 'p', 'models': ['m'], 'replicas': "
+        "[{'id': 'r', 'engine': 'openai', 'url': 'http://127.0.0.1:1'}]}]}, env={}))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('redis', 'hiredis')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"cluster": {"lease_s": 2, "heartbeat_s": 1.5}}, "heartbeat_s"),
+        ({"cluster": {"url": "http://x"}}, "cluster.url"),
+        ({"cluster": {}, "catalog": {"dirs": []}}, "[catalog]"),
+        ({"cluster": {"mode": "active"}}, "mode"),
+    ],
+)
+def test_cluster_config_is_checked(extra: dict[str, Any], message: str) -> None:
+    replica = {"id": "r", "engine": "openai", "url": "http://h:1"}
+    base = {"pools": [{"id": "p", "models": ["m"], "replicas": [replica]}]}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        config_from_mapping({**base, **extra}, env={})
+    managed = {"id": "r", "engine": "llamacpp", "url": "http://127.0.0.1:{port}", "launch": ["x"]}
+    with pytest.raises(ConfigError, match="launch"):
+        pools = [{"id": "p", "models": ["m"], "replicas": [managed]}]
+        config_from_mapping({"cluster": {}, "pools": pools}, env={})
