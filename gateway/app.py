@@ -318,6 +318,8 @@ def _standby(state: GatewayState, config: Config) -> Standby | None:
 
     standby = Standby(config.cluster)
     state.cluster = standby
+    # tasks survive the leader: their events are stored in Redis before readers get them
+    state.tasks.sink = state.tasks.remote = standby.task_log(config.tasks.retention_s)
     return standby
 
 

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import msgspec
 from msgspec import Meta
@@ -145,9 +145,37 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n"
 
 
+def failover_error(engine: str) -> dict[str, Any]:
+    return {"code": "WORKER_RESET", "message": FAILOVER_MESSAGE, "engine": engine,
+            "retriable": True}  # fmt: skip
+
+
+class EventSink(Protocol):
+    """Where a task's events are made durable before its readers see them (the cluster's
+    task log); ``publish`` hands each frame on and calls ``task.deliver`` once stored."""
+
+    def publish(self, task: Task, frame: bytes) -> None: ...
+
+
+class RemoteTasks(Protocol):
+    """Tasks other gateways ran (the cluster's task log): their view and stored events."""
+
+    async def view(self, task_id: str) -> dict[str, Any] | None: ...
+
+    async def frames(self, task_id: str, after: int) -> AsyncIterator[bytes] | None: ...
+
+
+# what the new owner of a task whose gateway stopped leading ends it with: the same bytes
+# wherever it is written, so a client never holds one id with two different contents
+FAILOVER_MESSAGE = "the gateway running this task stopped serving; submit it again"
+
+
 class Task:
     __slots__ = (
         "_changed",
+        "_next_id",
+        "sink",
+        "unpublished",
         "created_at",
         "decode_started",
         "engine",
@@ -188,18 +216,55 @@ class Task:
         self.predicted_start_ms = 0
         self.runner: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._next_id = 1  # the SSE id of the next event
+        self.sink: EventSink | None = None  # [cluster]: events are stored before delivery
+        self.unpublished = 0  # events handed to the sink, not yet delivered
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
 
+    @property
+    def drained(self) -> bool:
+        """Finished, and every event delivered to the readers."""
+        return self.state in FINISHED and self.unpublished == 0
+
     def _append(self, frame: bytes) -> None:
-        self.events.append(frame)
-        self.event_bytes += len(frame) + _EVENT_OVERHEAD_BYTES
+        # every event carries its ordinal as the SSE id: a client that reconnects with
+        # Last-Event-ID: n resumes at event n + 1 (no loss, no duplicate)
+        frame = b"id: %d\n%b" % (self._next_id, frame)
+        self._next_id += 1
+        if self.sink is not None:
+            self.unpublished += 1
+            self.sink.publish(self, frame)
+            return
+        self.deliver([frame])
+
+    def deliver(self, frames: list[bytes]) -> None:
+        """Events the readers may have now (at once; with a sink, once it stored them)."""
+        for frame in frames:
+            self.events.append(frame)
+            self.event_bytes += len(frame) + _EVENT_OVERHEAD_BYTES
+        if self.sink is not None:
+            self.unpublished -= len(frames)
         # set() resolves every current waiter; clear() at once re-arms the same event for
         # the next append, so no Event is allocated per token
         self._changed.set()
         self._changed.clear()
+
+    def fenced(self) -> None:
+        """The sink could not store events because this gateway stopped leading: what was
+        not stored is dropped, the task ends here with the error its new owner writes."""
+        self.sink, self.unpublished = None, 0
+        self._next_id = len(self.events) + 1
+        if not self.finished:
+            self.state = TaskState.FAILED
+            self.finished_at = time.time()
+        self.error = failover_error(self.engine)
+        self.deliver([b"id: %d\n%b" % (self._next_id, sse("error", self.error))])
+        self._next_id += 1
+        if self.runner is not None:
+            self.runner.cancel()
 
     def start(self) -> None:
         if self.finished:
@@ -260,15 +325,16 @@ class Task:
             self.error["retry_after_ms"] = retry_after_ms
         self._append(sse("error", self.error))
 
-    async def frames(self, heartbeat_s: float = 15.0) -> AsyncIterator[bytes]:
-        """Every event from the first, then new ones as they come, until the task ends.
-        Idle gaps get an SSE comment so proxies keep the connection open."""
-        index = 0
+    async def frames(self, heartbeat_s: float = 15.0, after: int = 0) -> AsyncIterator[bytes]:
+        """Every event after the ``after``-th (0: from the first), then new ones as they
+        come, until the task ends. Idle gaps get an SSE comment so proxies keep the
+        connection open."""
+        index = after
         while True:
             while index < len(self.events):
                 yield self.events[index]
                 index += 1
-            if self.finished:
+            if self.drained:
                 return
             try:  # asyncio.timeout, not wait_for: see policies.health (cpython#86296)
                 async with asyncio.timeout(heartbeat_s):
@@ -336,6 +402,8 @@ class TaskBook:
         self.log = log  # one line per finished task
         self.latency = {} if latency is None else latency  # [metrics] extended
         self._tasks: dict[str, Task] = {}
+        self.sink: EventSink | None = None  # [cluster]: where events are stored first
+        self.remote: RemoteTasks | None = None  # [cluster]: tasks other nodes ran
         self._finished: OrderedDict[str, tuple[float, int]] = OrderedDict()  # when, bytes
         self._finished_bytes = 0
 
@@ -366,6 +434,7 @@ class TaskBook:
         upstream body without ``model``, which is filled in per replica."""
         self._evict()
         task = Task(task_id, pool, priority, ticket)
+        task.sink = self.sink
         task.predicted_start_ms = int(pool.queue.wait_estimate_s(ticket.position) * 1000)
         self._tasks[task_id] = task
         task.runner = asyncio.create_task(

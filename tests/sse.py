@@ -9,15 +9,24 @@ import msgspec
 
 
 def parse_task_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """``event: NAME`` / ``data: JSON`` frames; comment frames (keep-alives) are skipped."""
-    events = []
+    """``id: N`` / ``event: NAME`` / ``data: JSON`` frames, the ids dense from 1 (asserted);
+    comment frames (keep-alives) are skipped."""
+    return [(name, data) for _, name, data in parse_task_frames(raw)]
+
+
+def parse_task_frames(raw: bytes) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(id, event, data)`` of every frame."""
+    frames = []
     for frame in raw.split(b"\n\n"):
         if not frame or frame.startswith(b":"):
             continue
-        name, data = frame.split(b"\n", 1)
-        assert name.startswith(b"event: ") and data.startswith(b"data: "), frame
-        events.append((name[7:].decode(), msgspec.json.decode(data[6:])))
-    return events
+        ident, name, data = frame.split(b"\n", 2)
+        assert ident.startswith(b"id: ") and name.startswith(b"event: "), frame
+        assert data.startswith(b"data: "), frame
+        frames.append((int(ident[4:]), name[7:].decode(), msgspec.json.decode(data[6:])))
+    ids = [ident for ident, _, _ in frames]
+    assert ids == list(range(ids[0], ids[0] + len(ids))) if ids else True, ids
+    return frames
 
 
 def read_task_events(

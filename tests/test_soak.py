@@ -181,7 +181,7 @@ async def task_client(session: aiohttp.ClientSession, url: str, tally: Tally) ->
             return
         raw = await response.read()
     last = [f for f in raw.split(b"\n\n") if f and not f.startswith(b":")][-1]
-    kind = last.split(b"\n", 1)[0].removeprefix(b"event: ").decode()
+    kind = next(line for line in last.split(b"\n") if line.startswith(b"event: "))[7:].decode()
     tally.outcomes[f"task {kind}"] += 1
     if kind not in ("end", "error"):
         tally.problems.append(f"task stream ended with {kind!r}")

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import Gateway, pool
 from tests.fakes.servers import AiohttpThread, wait_until
 from tests.fakes.upstream import FakeUpstream
-from tests.sse import read_task_events
+from tests.sse import parse_task_frames, read_task_events
 
 
 def cfg(url: str, *, slots: int = 1, capacity: int = 8, **tasks: Any) -> dict[str, Any]:
@@ -471,3 +471,33 @@ def test_llama_orch_contract_decisions(gw: Gateway) -> None:
     assert refused.status_code == 400 and isinstance(refused.json()["engine"], str)
     missing = httpx.get(gw.url + "/v1/tasks/nope")
     assert missing.status_code == 404 and missing.json()["engine"] == "orchgate"
+
+
+def test_a_reconnecting_client_resumes_after_its_last_event_id(gw: Gateway) -> None:
+    """Every event carries ``id: n`` (dense from 1); a client that loses the stream and
+    reconnects with ``Last-Event-ID: n`` gets event n + 1 onwards: together exactly the
+    events of one uninterrupted read, none lost, none twice -- mid-run and after the end."""
+    spec = {"fake": {"chunks": 30, "delay_s": 0.02}}
+    task_id = submit(gw, prompt="hi", max_tokens=30, params=spec).json()["task_id"]
+    url = f"{gw.url}/v1/tasks/{task_id}/stream"
+    first = b""
+    with httpx.stream("GET", url, timeout=20) as response:  # leaves after a few events
+        for chunk in response.iter_bytes():
+            first += chunk
+            if first.count(b"event: token") >= 3 and first.endswith(b"\n\n"):
+                break
+    seen = parse_task_frames(first)
+    last_id = seen[-1][0]
+    assert last_id >= 4 and seen[0][0] == 1
+    with httpx.stream("GET", url, headers={"Last-Event-ID": str(last_id)}, timeout=20) as rest:
+        resumed = parse_task_frames(b"".join(rest.iter_bytes()))
+    assert resumed[0][0] == last_id + 1 and resumed[-1][1] == "end"
+    whole = parse_task_frames(httpx.get(url, timeout=20).content)
+    assert seen + resumed == whole
+    assert [d["i"] for _, name, d in whole if name == "token"] == list(range(30))
+    # after the end: only what follows, or nothing at all
+    tail = httpx.get(url, headers={"Last-Event-ID": str(len(whole) - 1)}, timeout=5)
+    assert parse_task_frames(tail.content) == whole[-1:]
+    assert httpx.get(url, headers={"Last-Event-ID": str(len(whole))}, timeout=5).content == b""
+    bad = httpx.get(url, headers={"Last-Event-ID": "seven"}, timeout=5)
+    assert bad.status_code == 400 and bad.json()["code"] == "INVALID_PARAMS"

@@ -70,6 +70,7 @@ class LeaderLease:
         self.reachable = False  # the last Redis call answered
         self._valid_until = 0.0  # our clock: act until then
         self._was_leading = False
+        self._next_s: float | None = None  # when to try next, if sooner than a heartbeat
         self._task: asyncio.Task[None] | None = None
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -80,7 +81,12 @@ class LeaderLease:
         return self.epoch is not None and self._clock() < self._valid_until
 
     @property
-    def _value(self) -> str:
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def value(self) -> str:
+        """What the lease holds while this node leads: the fencing token of its writes."""
         return f"{self.node_id}|{self.epoch}"
 
     def start(self) -> None:
@@ -94,7 +100,7 @@ class LeaderLease:
         if self.epoch is not None:
             try:
                 async with asyncio.timeout(self.op_timeout_s):
-                    await self._resign(keys=[self._key], args=[self._value])
+                    await self._resign(keys=[self._key], args=[self.value])
                 log.warning("resigned the lead (epoch %s)", self.epoch)
             except Exception as exc:  # noqa: BLE001 -- it expires on its own then
                 log.warning("could not resign the lead (it expires by itself): %s", exc)
@@ -113,11 +119,13 @@ class LeaderLease:
                     log.warning("cluster store unreachable: %s", exc)
                 self.reachable = False
             self._changed()
-            await asyncio.sleep(max(0.0, self.heartbeat_s - (self._clock() - started)))
+            pause = self.heartbeat_s if self._next_s is None else self._next_s
+            self._next_s = None
+            await asyncio.sleep(max(0.0, pause - (self._clock() - started)))
 
     async def _step(self, started: float) -> None:
         if self.epoch is not None:
-            renewed = await self._renew(keys=[self._key], args=[self._value, self.lease_ms])
+            renewed = await self._renew(keys=[self._key], args=[self.value, self.lease_ms])
             if renewed:
                 self._valid_until = started + RENEW_DEADLINE * self.lease_ms / 1000
                 self.leader = self.node_id
@@ -133,6 +141,10 @@ class LeaderLease:
             return
         holder = await self._client.get(self._key)
         self.leader = holder.decode().rpartition("|")[0] if holder else None
+        # try again the moment the holder's lease runs out, not up to a heartbeat later
+        left_ms = await self._client.pttl(self._key)
+        if isinstance(left_ms, int) and 0 < left_ms < self.heartbeat_s * 1000:
+            self._next_s = left_ms / 1000 + 0.005
 
     def _changed(self) -> None:
         leading = self.leading

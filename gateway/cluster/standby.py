@@ -16,6 +16,7 @@ import socket
 from typing import Any
 
 from gateway.cluster.lease import LeaderLease
+from gateway.cluster.tasks import RedisTaskLog
 from gateway.config import ClusterConfig
 from gateway.errors import GatewayError, NotLeader
 
@@ -51,6 +52,16 @@ class Standby:
             lease_s=config.lease_s,
             heartbeat_s=config.heartbeat_s,
             op_timeout_s=config.op_timeout_s,
+        )
+
+    def task_log(self, retention_s: float) -> RedisTaskLog:
+        """The task API's event logs in Redis (write-through on the leader)."""
+        return RedisTaskLog(
+            self._client,
+            prefix=self.config.key_prefix,
+            lease=self.lease,
+            retention_s=retention_s,
+            op_timeout_s=self.config.op_timeout_s,
         )
 
     @property

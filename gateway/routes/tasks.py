@@ -7,6 +7,7 @@ never the OpenAI one.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -147,6 +148,33 @@ def _guard_context(req: TaskRequest, pool: PoolRuntime, max_tokens: int, prompt_
         )
 
 
+def _last_event_id(request: Request[Any, Any, Any]) -> int:
+    """``Last-Event-ID`` (what an SSE client sends when it reconnects): the id of the last
+    event it has; the stream resumes after it."""
+    raw = request.headers.get("last-event-id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 9:
+        raise _invalid("Last-Event-ID must be the id of an event of this task (a number)")
+    return int(raw)
+
+
+async def _view(book: TaskBook, task_id: str) -> dict[str, Any]:
+    if book.get(task_id) is None and book.remote is not None:  # a task another gateway ran
+        view = await book.remote.view(task_id)
+        if view is not None:
+            return view
+    return _lookup(book, task_id).view()
+
+
+async def _frames(book: TaskBook, task_id: str, after: int) -> AsyncIterator[bytes]:
+    if book.get(task_id) is None and book.remote is not None:
+        frames = await book.remote.frames(task_id, after)
+        if frames is not None:
+            return frames
+    return _lookup(book, task_id).frames(after=after)
+
+
 def _lookup(book: TaskBook, task_id: str) -> Task:
     task = book.get(task_id)
     if task is None:
@@ -239,13 +267,12 @@ def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Ro
 
     @get("/v1/tasks/{task_id:str}")
     async def status(task_id: str) -> dict[str, Any]:
-        return _lookup(book, task_id).view()
+        return await _view(book, task_id)
 
     @get("/v1/tasks/{task_id:str}/stream")
-    async def stream(task_id: str) -> Stream:
-        task = _lookup(book, task_id)
+    async def stream(task_id: str, request: Request[Any, Any, Any]) -> Stream:
         return Stream(
-            task.frames(),
+            await _frames(book, task_id, _last_event_id(request)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
