@@ -26,6 +26,7 @@ import openai
 import pytest
 
 from gateway.config import ConfigError, config_from_mapping
+from tests.browser import Browser
 from tests.conftest import REPO, RedisServer, free_port
 from tests.fakes.servers import GatewayProcess, gateway_process, wait_until
 from tests.sse import parse_task_frames
@@ -122,6 +123,11 @@ def test_one_leader_serves_and_the_standbys_point_to_it(nodes: dict[str, Gateway
         assert httpx.get(gw.url + "/ready", timeout=5).json()["pools_ready"] is True
         metrics = httpx.get(gw.url + "/metrics", timeout=5)
         assert f'orchgate_cluster_leader{{node="{name}"}} 0.0' in metrics.text
+    standby = next(gw for name, gw in nodes.items() if name != leader)
+    with Browser() as browser:  # the status page says what a standby is, and who leads
+        browser.goto(standby.url + "/status")
+        assert browser.wait_for(lambda: f"the leader is {leader}" in browser.text()), browser.text()
+        assert "standby" in browser.text()
 
 
 def test_the_leader_killed_mid_stream_is_replaced_within_the_lease(
