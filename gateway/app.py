@@ -176,7 +176,7 @@ def create_app(
         jobs=jobs,
     )
     residency = _residency(state, config, webhooks, jobs, reservations)
-    standby = _standby(state, config)
+    standby = _standby(state, config, lifecycle)
 
     async def require_token(
         connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
@@ -311,15 +311,16 @@ def _residency(
     )
 
 
-def _standby(state: GatewayState, config: Config) -> Standby | None:
+def _standby(state: GatewayState, config: Config, lifecycle: Lifecycle) -> Standby | None:
     if config.cluster is None:
         return None
     from gateway.cluster.standby import Standby  # only now is the Redis client imported
 
     standby = Standby(config.cluster)
     state.cluster = standby
-    # tasks survive the leader: their events are stored in Redis before readers get them
+    # tasks and reservations survive the leader: stored in Redis before they are answered
     state.tasks.sink = state.tasks.remote = standby.task_log(config.tasks.retention_s)
+    lifecycle.reservation_store = standby.share_reservations(lifecycle.reservations)
     return standby
 
 

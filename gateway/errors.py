@@ -253,3 +253,11 @@ class NotLeader(GatewayError):
     status = 503
     type = "server_error"
     code = "not_leader"
+
+
+class StoreUnavailable(GatewayError):
+    """``[cluster]``: the shared store did not take a change the next leader must see."""
+
+    status = 503
+    type = "server_error"
+    code = "cluster_store_unavailable"

@@ -215,6 +215,36 @@ def test_tasks_outlive_their_leader(nodes: dict[str, GatewayProcess]) -> None:
     assert whole[: len(held)] == held and whole[len(held) :] == rest  # same ids, same bytes
     view = httpx.get(f"{url}/v1/tasks/{running}", timeout=10).json()
     assert view["state"] == "failed" and view["error"]["code"] == "WORKER_RESET"
+    late = httpx.post(f"{url}/v1/tasks/{running}/cancel", timeout=10)
+    assert late.status_code == 409 and "already failed" in late.json()["message"], late.text
+    assert httpx.post(f"{url}/v1/tasks/no-such-task/cancel", timeout=10).status_code == 404
+
+
+def test_a_reservation_outlives_its_leader(nodes: dict[str, GatewayProcess]) -> None:
+    """Granted on one leader, honoured by the next: the holder keeps it (its token still
+    works, others get 409), and it ends when the holder releases it there."""
+    first = one_leader(nodes)
+    url = f"{nodes[first].url}/v1/pools/p/reservation"
+    granted = httpx.post(url, json={"holder": "bench-7", "ttl_s": 60}, timeout=5)
+    assert granted.status_code == 201, granted.text
+    token = granted.json()["token"]
+    nodes[first].process.send_signal(signal.SIGKILL)
+    nodes[first].process.wait()
+    second = one_leader(nodes, timeout=10)
+    url = f"{nodes[second].url}/v1/pools/p/reservation"
+    held = httpx.get(url, timeout=5).json()
+    assert held["reserved"] is True and held["holder"] == "bench-7"
+    assert 40 < held["expires_in_s"] <= 60
+    other = httpx.post(url, json={"holder": "someone-else", "ttl_s": 60}, timeout=5)
+    assert other.status_code == 409, other.text
+    renewed = httpx.post(url, json={"holder": "bench-7", "ttl_s": 30},
+                         headers={"X-Reservation-Token": token}, timeout=5)  # fmt: skip
+    assert renewed.status_code == 200 and renewed.json()["token"] == token
+    wrong = httpx.delete(url, headers={"X-Reservation-Token": "guess"}, timeout=5)
+    assert wrong.status_code == 423
+    released = httpx.delete(url, headers={"X-Reservation-Token": token}, timeout=5)
+    assert released.status_code == 204
+    assert httpx.get(url, timeout=5).json()["reserved"] is False
 
 
 def test_redis_frozen_the_leader_steps_down_before_its_lease_ends(

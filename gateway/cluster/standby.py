@@ -10,15 +10,22 @@ still probes its replicas, so it is ready the moment it takes the lease. Probes
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.cluster.lease import LeaderLease
+from gateway.cluster.reservations import RedisReservations
 from gateway.cluster.tasks import RedisTaskLog
 from gateway.config import ClusterConfig
 from gateway.errors import GatewayError, NotLeader
+from policies.reservation import ReservationBook
+
+log = logging.getLogger("orchgate.cluster")
 
 CLUSTER_URL_ENV = "ORCHGATE_CLUSTER_URL"
 # what a standby answers itself (everything else waits for the leader)
@@ -45,6 +52,7 @@ class Standby:
             socket_connect_timeout=config.op_timeout_s,
             retry_on_timeout=False,
         )
+        self._on_lead: list[Callable[[], Awaitable[None]]] = []  # run on taking the lead
         self.lease = LeaderLease(
             self._client,
             key=f"{config.key_prefix}:leader:data",
@@ -52,7 +60,38 @@ class Standby:
             lease_s=config.lease_s,
             heartbeat_s=config.heartbeat_s,
             op_timeout_s=config.op_timeout_s,
+            on_change=self._changed,
         )
+        self._adopting: asyncio.Task[None] | None = None
+        self._settled = False  # leading, and what the last leader left is adopted
+
+    def _changed(self, leading: bool) -> None:
+        self._settled = False  # serve only once the takeover steps are done
+        if leading:
+            self._adopting = asyncio.get_running_loop().create_task(self._took_lead())
+
+    async def _took_lead(self) -> None:
+        for step in self._on_lead:
+            try:
+                await step()
+            except Exception:  # a takeover step failing must not stop the others
+                log.exception("takeover step failed")
+        self._settled = self.lease.leading
+
+    def share_reservations(self, book: ReservationBook) -> RedisReservations:
+        """Reservations in Redis: stored as granted, adopted by the next leader."""
+        store = RedisReservations(
+            self._client, prefix=self.config.key_prefix, lease=self.lease,
+            op_timeout_s=self.config.op_timeout_s,
+        )  # fmt: skip
+
+        async def adopt() -> None:
+            count = await store.adopt_into(book)
+            if count:
+                log.warning("took over %d reservation(s) from the cluster store", count)
+
+        self._on_lead.append(adopt)
+        return store
 
     def task_log(self, retention_s: float) -> RedisTaskLog:
         """The task API's event logs in Redis (write-through on the leader)."""
@@ -66,11 +105,12 @@ class Standby:
 
     @property
     def leading(self) -> bool:
-        return self.lease.leading
+        """Holds the lead and has adopted the previous leader's state: may serve."""
+        return self._settled and self.lease.leading
 
     def gate(self, path: str) -> GatewayError | None:
         """None on the leader and for the probes; else the 503 a standby answers."""
-        if path in ALWAYS_SERVED or self.lease.leading:
+        if path in ALWAYS_SERVED or self.leading:
             return None
         leader = self.lease.leader
         where = f"the leader is {leader}" if leader else "no node leads right now"
@@ -83,9 +123,9 @@ class Standby:
         return {
             "mode": self.config.mode,
             "node": self.node_id,
-            "role": "leader" if self.lease.leading else "standby",
+            "role": "leader" if self.leading else "standby",
             "leader": self.lease.leader,
-            "epoch": self.lease.epoch if self.lease.leading else None,
+            "epoch": self.lease.epoch if self.leading else None,
             "store_reachable": self.lease.reachable,
         }
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from msgspec import Meta
@@ -49,7 +49,7 @@ from gateway.lifecycle.transition import (
 from gateway.pools import PoolRuntime
 from gateway.state import GatewayState
 from gateway.webhooks import Webhooks
-from policies.reservation import Locked, ReservationBook
+from policies.reservation import Locked, Reservation, ReservationBook
 
 log = logging.getLogger("orchgate.lifecycle")
 
@@ -72,6 +72,14 @@ class ReloadRequest(Strict, frozen=True):
         return self.variant is None and self.new_model_ref is None
 
 
+class ReservationStore(Protocol):
+    """Where a cluster keeps reservations for the next leader (``gateway.cluster``)."""
+
+    async def save(self, reservation: Reservation, ttl_s: float) -> None: ...
+
+    async def drop(self, pool_id: str) -> None: ...
+
+
 class Lifecycle:
     """The one owner of reloads: at most one runs at a time (a second gets 409)."""
 
@@ -92,6 +100,8 @@ class Lifecycle:
         self.auth = auth
         self.webhooks = webhooks
         self.reservations = reservations
+        # [cluster]: reservations also kept where the next leader finds them
+        self.reservation_store: ReservationStore | None = None
         self.config_path = config_path
         self.file_config = state.config  # as last read from the file (or the startup config)
         self._free_vram = free_vram or partial(nvml_free_vram, state)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import msgspec
@@ -22,9 +23,19 @@ from msgspec import Meta
 
 from backends.base import Strict
 from backends.hardware import HardwareProfile, detect
-from gateway.errors import TOO_DEEP, Conflict, InvalidJson, InvalidRequest, LockedError, NotFound
+from gateway.errors import (
+    TOO_DEEP,
+    Conflict,
+    GatewayError,
+    InvalidJson,
+    InvalidRequest,
+    LockedError,
+    NotFound,
+    StoreUnavailable,
+)
 from gateway.lifecycle import Lifecycle, ReloadRequest
-from policies.reservation import Locked, Taken
+from gateway.lifecycle.manager import ReservationStore
+from policies.reservation import Locked, Reservation, ReservationBook, Taken
 
 TOKEN_HEADER = "x-reservation-token"
 _HARDWARE_CACHE_S = 30.0
@@ -150,13 +161,14 @@ def _reservation_handlers(lifecycle: Lifecycle, guards: list[Any]) -> list[Any]:
         token = request.headers.get(TOKEN_HEADER)
         renewing = book.get(pool_id) is not None
         try:
-            held = book.reserve(pool_id, body.holder, body.ttl_s, token)
+            held, token = book.reserve(pool_id, body.holder, body.ttl_s, token)
         except Taken as exc:
             raise Conflict(
                 str(exc), extra={"reservation": exc.reservation.view(book.now())}
             ) from None
+        await _stored(lifecycle.reservation_store, book, held, body.ttl_s, renewing=renewing)
         return Response(
-            {"pool": pool_id, "token": held.token, **held.view(book.now())},
+            {"pool": pool_id, "token": token, **held.view(book.now())},
             status_code=200 if renewing else 201,
         )
 
@@ -173,5 +185,42 @@ def _reservation_handlers(lifecycle: Lifecycle, guards: list[Any]) -> list[Any]:
             raise LockedError(
                 str(exc), extra={"reservation": exc.reservation.view(book.now())}
             ) from None
+        await _dropped(lifecycle.reservation_store, pool_id)
 
     return [reservation, reserve, release]
+
+
+async def _stored(
+    store: ReservationStore | None,
+    book: ReservationBook,
+    held: Reservation,
+    ttl_s: float,
+    *,
+    renewing: bool,
+) -> None:
+    """A cluster's reservation is answered only once the next leader could find it; if it
+    cannot be stored, a new one is withdrawn (the caller retries) and 503 says so."""
+    if store is None:
+        return
+    try:
+        await _store_call(store.save(held, ttl_s))
+    except GatewayError:
+        if not renewing:
+            book.release(held.pool_id, None, force=True)
+        raise
+
+
+async def _dropped(store: ReservationStore | None, pool_id: str) -> None:
+    """Released from the cluster store too -- also when this node had none (idempotent)."""
+    if store is not None:
+        await _store_call(store.drop(pool_id))
+
+
+async def _store_call(call: Awaitable[None]) -> None:
+    try:
+        await call
+    except Exception as exc:  # noqa: BLE001 -- the store's failure, in the gateway's words
+        raise StoreUnavailable(
+            f"the cluster store did not take it ({type(exc).__name__}); try again",
+            headers={"Retry-After": "1"},
+        ) from None

@@ -279,6 +279,17 @@ def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Ro
 
     @post("/v1/tasks/{task_id:str}/cancel", status_code=204)
     async def cancel(task_id: str) -> None:
+        if book.get(task_id) is None and book.remote is not None:
+            # another gateway ran it: by now it has ended (a leader ends orphans at once)
+            view = await book.remote.view(task_id)
+            if view is not None:
+                raise TaskError(
+                    409,
+                    "INVALID_PARAMS",
+                    f"task {task_id!r} already {view['state']}; nothing to cancel",
+                    engine=view.get("engine", GATEWAY_ENGINE),
+                    retriable=False,
+                )
         task = _lookup(book, task_id)
         if book.cancel(task) is CancelOutcome.ALREADY_FINISHED:
             raise TaskError(
