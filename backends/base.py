@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import msgspec
@@ -153,13 +153,9 @@ class UpstreamResponse(Protocol):
     status: int
     content_type: str
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """Raw body bytes as they arrive (no re-chunking, no buffering)."""
-        ...
-
     async def next_chunk(self) -> bytes | None:
-        """The bytes that arrived since the last call, waiting for some; None at the end
-        (``chunks`` without a generator to leave suspended)."""
+        """Raw body bytes that arrived since the last call (no re-chunking, no buffering),
+        waiting for some; None at the end. No generator to leave suspended."""
         ...
 
     def pipe(self, on_data: Callable[[bytes], None], on_end: Callable[[Any], None]) -> bool:
@@ -227,6 +223,6 @@ class Backend(Protocol):
 
         A non-2xx answer is raised as a ``BackendError`` carrying the normalised error
         body; connection failures are raised as ``BackendUnavailable``, a broken ``limits``
-        as ``BackendTimeout`` (also from the response's ``chunks()``/``read()``).
+        as ``BackendTimeout`` (also from the response's ``next_chunk()``/``read()``).
         """
         ...

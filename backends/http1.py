@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -220,11 +220,6 @@ class Http1Response:
                 await self._waiter
             finally:
                 self._waiter = None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive; everything buffered is handed over in one piece."""
-        while (data := await self.next_chunk()) is not None:
-            yield data
 
     async def read(self) -> bytes:
         parts = []

@@ -91,13 +91,6 @@ class UpstreamStream:
         self.status = response.status
         self.content_type = response.content_type
 
-    async def chunks(self):  # type: ignore[no-untyped-def]  # AsyncIterator[bytes]
-        try:
-            async for data in self._response.chunks():
-                yield data
-        except OSError as exc:
-            raise _transport_error(exc, lost="upstream connection lost") from exc
-
     async def next_chunk(self) -> bytes | None:
         try:
             return await self._response.next_chunk()
@@ -106,7 +99,7 @@ class UpstreamStream:
 
     async def read(self) -> bytes:
         try:
-            return await self._response.read()  # not via chunks(): one generator, not two
+            return await self._response.read()
         except OSError as exc:
             raise _transport_error(exc, lost="upstream connection lost") from exc
 

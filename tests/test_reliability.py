@@ -250,7 +250,7 @@ def test_idle_limit_ignores_a_client_that_reads_slowly() -> None:
         limits = Limits(first_byte_s=0.2, idle_s=0.2, deadline=loop.time() + 10)
         response = await http.request(http.build(b"GET", b"/", b""), limits)
         received = b""
-        async for data in response.chunks():
+        while (data := await response.next_chunk()) is not None:
             received += data
             if len(received) < len(payload):
                 await asyncio.sleep(0.6)  # a slow reader: 3x the idle limit

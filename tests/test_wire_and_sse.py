@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -110,10 +109,6 @@ class Upstream:
         self._left = list(parts)
         self.status = 200
         self.content_type = "text/event-stream"
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        for part in self.parts:
-            yield part
 
     async def next_chunk(self) -> bytes | None:
         return self._left.pop(0) if self._left else None

@@ -90,7 +90,6 @@ class RedisTaskLog:
         self._append = client.register_script(_APPEND)
         self._claim_fail = client.register_script(_CLAIM_FAIL)
         self._pending: dict[str, list[bytes]] = {}
-        self._stored: dict[str, int] = {}  # task id -> events stored so far
         self._flushing: dict[str, asyncio.Task[None]] = {}
 
     def _keys(self, task_id: str) -> list[str]:
@@ -116,11 +115,11 @@ class RedisTaskLog:
                 task.deliver(frames)
         finally:
             self._flushing.pop(task.id, None)
-            if task.drained:
-                self._stored.pop(task.id, None)
 
     async def _write(self, task: Task, frames: list[bytes]) -> None:
-        first = self._stored.get(task.id, 0) + 1
+        # one batch in flight per task, delivered once stored: what the task's readers
+        # have is exactly what is stored
+        first = len(task.events) + 1
         view = msgspec.json.encode(task.view())
         terminal = "1" if task.finished and not self._pending.get(task.id) else "0"
         args = [self._lease.value, first, view, terminal, self._retention_ms, task.id, *frames]
@@ -136,7 +135,6 @@ class RedisTaskLog:
                 continue
             if result == -1:
                 raise Fenced
-            self._stored[task.id] = first + len(frames) - 1
             return
 
     # -- what other nodes' tasks look like to this leader ---------------------------------

@@ -175,6 +175,16 @@ async def _frames(book: TaskBook, task_id: str, after: int) -> AsyncIterator[byt
     return _lookup(book, task_id).frames(after=after)
 
 
+def _nothing_to_cancel(task_id: str, state: str, engine: str | None) -> TaskError:
+    return TaskError(
+        409,
+        "INVALID_PARAMS",
+        f"task {task_id!r} already {state}; nothing to cancel",
+        engine=engine or GATEWAY_ENGINE,
+        retriable=False,
+    )
+
+
 def _lookup(book: TaskBook, task_id: str) -> Task:
     task = book.get(task_id)
     if task is None:
@@ -283,22 +293,10 @@ def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Ro
             # another gateway ran it: by now it has ended (a leader ends orphans at once)
             view = await book.remote.view(task_id)
             if view is not None:
-                raise TaskError(
-                    409,
-                    "INVALID_PARAMS",
-                    f"task {task_id!r} already {view['state']}; nothing to cancel",
-                    engine=view.get("engine", GATEWAY_ENGINE),
-                    retriable=False,
-                )
+                raise _nothing_to_cancel(task_id, view["state"], view.get("engine"))
         task = _lookup(book, task_id)
         if book.cancel(task) is CancelOutcome.ALREADY_FINISHED:
-            raise TaskError(
-                409,
-                "INVALID_PARAMS",
-                f"task {task_id!r} already {task.state.value}; nothing to cancel",
-                engine=task.engine,
-                retriable=False,
-            )
+            raise _nothing_to_cancel(task_id, task.state.value, task.engine)
 
     return Router(
         path="/",
