@@ -81,6 +81,8 @@ def test_status_page_data_is_behind_the_token(
     config = {"auth": {"token": "s3cret"}, "pools": [pool("chat", ["m"], [replica])]}
     with gateway_factory(config) as gw, Browser() as browser:
         assert httpx.get(gw.url + "/v1/status").status_code == 401
+        assert httpx.get(gw.url + "/v1/status/history").status_code == 401  # the charts too
+        assert httpx.get(gw.url + "/ready").status_code == 200  # a probe needs no token
         shell = httpx.get(gw.url + "/status")
         assert shell.status_code == 200 and shell.headers["content-type"].startswith("text/html")
         assert b"f0" not in shell.content  # the page itself holds no data
