@@ -43,6 +43,7 @@ from gateway.routes.control import control_handlers
 from gateway.routes.lifecycle import lifecycle_handlers
 from gateway.routes.openai import UPSTREAM_PREFIX, OpenAIProxy, fresh_request_id, request_id
 from gateway.routes.tasks import task_error_body, task_router
+from gateway.splice import client_wire
 from gateway.state import GatewayState
 from gateway.webhooks import Webhooks
 from policies.reservation import ReservationBook
@@ -484,15 +485,19 @@ class GatewayApp:
         origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
         if origin is None or not (self._cors_any or origin in self._cors):
             return send
+        cors = [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-expose-headers", _EXPOSE),
+            (b"vary", b"Origin"),
+        ]
+        wire = client_wire(scope)
+        if wire is not None:  # the data plane may answer through the wire, past ``send``
+            wire.extra_headers = cors
+            return send
 
         async def send_with_cors(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message["headers"],
-                    (b"access-control-allow-origin", origin),
-                    (b"access-control-expose-headers", _EXPOSE),
-                    (b"vary", b"Origin"),
-                ]
+                message["headers"] = [*message["headers"], *cors]
             await send(message)
 
         return send_with_cors

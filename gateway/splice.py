@@ -8,13 +8,13 @@ sleeps on one future until the stream ends. What the pull relay guarantees holds
 too: whole events only, llama.cpp's ``error:`` translated, usage read (and hidden when the
 gateway asked for it), an in-band error when the upstream fails or stops early.
 
-Back-pressure: when the client's socket stops draining (uvicorn's flow control says the
-transport paused writing), the upstream is held -- its silence then is not counted against
+Back-pressure: when the client's socket stops draining (the front door's flow control says
+the transport paused writing), the upstream is held -- its silence then is not counted against
 its idle limit -- and released once the client catches up. A client that goes away is
 noticed by the request's ``DisconnectWatch``, which cancels the task; the exchange then
 closes the upstream, which is what tells the engine to stop.
 
-The front door puts the client's ``ClientWire`` in the scope (``WIRE_KEY``); without one
+The front door puts the request's :class:`Wire` in the scope (``WIRE_KEY``); without one
 (another ASGI server) the relay pulls instead.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from backends.base import UpstreamResponse
@@ -38,30 +39,25 @@ class Flow(Protocol):
     async def drain(self) -> None: ...
 
 
-class Cork(Protocol):
-    def cork(self) -> None: ...
+class Wire(Protocol):
+    """The client's side of one request, as the front door has it
+    (``gateway.frontdoor.Cycle``): its transport and flow control, and the answer written
+    straight to it -- a whole one, or a chunked stream's head with its first piece and, at
+    the end, its terminator -- with no ASGI message in between."""
 
-    def uncork(self) -> None: ...
+    transport: asyncio.Transport
+    flow: Flow
+    extra_headers: list[tuple[bytes, bytes]] | None
 
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
 
-class ClientWire:
-    """The client's transport and its flow control, as the server has them (one per
-    connection): a response already started with chunked framing is continued here, and
-    a whole answer's head and body leave in one write (``cork``/``uncork`` around the two
-    ASGI messages: one system call fewer per request)."""
+    def start_stream(
+        self, status: int, headers: list[tuple[bytes, bytes]], first: bytes
+    ) -> None: ...
 
-    __slots__ = ("_cork", "flow", "transport")
+    def end_stream(self, tail: bytes = b"") -> None: ...
 
-    def __init__(self, transport: asyncio.Transport, flow: Flow, cork: Cork) -> None:
-        self.transport = transport
-        self.flow = flow
-        self._cork = cork
-
-    def cork(self) -> None:
-        self._cork.cork()
-
-    def uncork(self) -> None:
-        self._cork.uncork()
+    def watch(self, on_disconnect: Callable[[], None] | None) -> None: ...
 
 
 class Consumer(Protocol):
@@ -77,14 +73,14 @@ class Consumer(Protocol):
     def failure(self, message: str) -> bytes: ...
 
 
-def client_wire(scope: dict[str, Any]) -> ClientWire | None:
+def client_wire(scope: dict[str, Any]) -> Wire | None:
     return scope.get(WIRE_KEY)
 
 
 class Splice:
     __slots__ = ("_done", "_draining", "_loop", "_reader", "_transport", "_wire", "failed")
 
-    def __init__(self, reader: Consumer, wire: ClientWire, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, reader: Consumer, wire: Wire, loop: asyncio.AbstractEventLoop) -> None:
         self._reader = reader
         self._loop = loop
         self._wire = wire

@@ -215,7 +215,10 @@ class AdmissionQueue:
         return sum(r.slots for r in self.replicas if r.ready)
 
     def is_ready(self) -> bool:
-        return any(r.ready for r in self.replicas)
+        for replica in self.replicas:  # a loop, not any(): asked on every request
+            if replica.ready:
+                return True
+        return False
 
     def position_of(self, priority: Priority) -> int:
         """1-based queue position a request of ``priority`` would take now."""
@@ -287,8 +290,7 @@ class AdmissionQueue:
         (a replica became ready or discovered more slots)."""
         if self.held:
             return
-        for priority in Priority:
-            queue = self._waiting[priority]
+        for queue in self._waiting.values():  # interactive first: insertion order
             while queue:
                 waiter = queue[0]
                 if waiter.future.done():

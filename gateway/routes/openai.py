@@ -48,7 +48,7 @@ from gateway.errors import (
 from gateway.exchange import Exchange, admission_error, check_serves
 from gateway.logging import AccessLog
 from gateway.pools import PoolRuntime
-from gateway.splice import ClientWire, Splice, client_wire
+from gateway.splice import Splice, Wire, client_wire
 from gateway.state import GatewayState
 from gateway.streaming import RawReader, Reader, SseReader
 from gateway.wire import (
@@ -356,7 +356,8 @@ class OpenAIProxy:
         headers: Headers,
         ex: Exchange,
     ) -> None:
-        watch = ex.watch = DisconnectWatch(receive, plan.pool.loop)
+        wire = client_wire(scope)
+        watch = ex.watch = DisconnectWatch(receive, plan.pool.loop, wire=wire)
         try:
             committed = await ex.open(
                 plan.pool,
@@ -372,10 +373,10 @@ class OpenAIProxy:
             (b"x-orchgate-attempts", str(committed.attempts).encode()),
         ]
         if plan.relay is Relay.WHOLE:
-            await _whole(committed, send, headers, watch, ex, client_wire(scope))
+            await _whole(committed, send, headers, watch, ex, wire)
         else:
             events = plan.relay is Relay.EVENTS
-            await _relayed(committed, scope, send, headers, watch, ex, events=events,
+            await _relayed(committed, wire, send, headers, watch, ex, events=events,
                            loop=plan.pool.loop)  # fmt: skip
 
     # -- /upstream/{model}/{route}: engine-native routes ---------------------------------
@@ -508,7 +509,7 @@ async def _whole(
     headers: Headers,
     watch: DisconnectWatch,
     ex: Exchange,
-    wire: ClientWire | None,
+    wire: Wire | None,
 ) -> None:
     upstream = committed.upstream
     body = await upstream.read()
@@ -523,7 +524,7 @@ async def _whole(
 
 async def _relayed(
     committed: Committed,
-    scope: dict[str, Any],
+    wire: Wire | None,
     send: Any,
     headers: Headers,
     watch: DisconnectWatch,
@@ -532,19 +533,25 @@ async def _relayed(
     events: bool,
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    """An answer sent on as it arrives: SSE events (``events``) or raw bytes."""
+    """An answer sent on as it arrives: SSE events (``events``) or raw bytes. Through the
+    front door's wire the head and the first piece leave in one write and the rest is
+    spliced; under another ASGI server it is pulled, one message per batch."""
     upstream = committed.upstream
     if events:
         start = _SSE_HEADERS + headers
     else:
         start = [(b"content-type", upstream.content_type.encode()), *headers]
     ex.status = upstream.status if not events else 200
-    await send({"type": "http.response.start", "status": ex.status, "headers": start})
-    await send({"type": "http.response.body", "body": committed.first, "more_body": True})
-    ex.first_byte = time.perf_counter()
+    if ex.status in (204, 304):
+        wire = None  # no body to chunk: the plain messages frame it
     reader = committed.reader
     assert reader is not None
-    wire = client_wire(scope) if ex.status not in (204, 304) else None  # else not chunked
+    if wire is not None:
+        wire.start_stream(ex.status, start, committed.first)
+    else:
+        await send({"type": "http.response.start", "status": ex.status, "headers": start})
+        await send({"type": "http.response.body", "body": committed.first, "more_body": True})
+    ex.first_byte = time.perf_counter()
     spliced = False
     if wire is not None:  # from here on, upstream bytes go straight to the client's socket
         splice = Splice(reader, wire, loop)
@@ -557,7 +564,10 @@ async def _relayed(
     if reader.stats.failed:
         ex.error = reader.stats.failed
     watch.finish()
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if wire is not None:
+        wire.end_stream()
+    else:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _pulled(reader: Reader, send: Any, ex: Exchange) -> None:
@@ -584,7 +594,7 @@ async def _send_error(
     surface: Surface,
     error: GatewayError,
     headers: Headers,
-    wire: ClientWire | None = None,
+    wire: Wire | None = None,
 ) -> None:
     extra = [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     envelope = error.envelope()
@@ -599,7 +609,7 @@ async def _send_backend_error(
     error: BackendError,
     headers: Headers,
     ex: Exchange,
-    wire: ClientWire | None = None,
+    wire: Wire | None = None,
 ) -> None:
     ex.status = backend_error_status(error)
     ex.error = "upstream_error"

@@ -70,7 +70,7 @@ class _PromptServer(uvicorn.Server):
 class UvicornThread:
     """An ASGI app served by uvicorn (uvloop + httptools, as in production) on port 0."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, keepalive_s: float = 5.0) -> None:
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -83,6 +83,7 @@ class UvicornThread:
             access_log=False,
             proxy_headers=False,
             server_header=False,  # as `orchgate serve`
+            timeout_keep_alive=keepalive_s,  # type: ignore[arg-type]  # floats work
         )
         self.server = _PromptServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -107,8 +108,8 @@ class UvicornThread:
 
 
 @contextmanager
-def serve_asgi(app: Any) -> Iterator[UvicornThread]:
-    server = UvicornThread(app)
+def serve_asgi(app: Any, *, keepalive_s: float = 5.0) -> Iterator[UvicornThread]:
+    server = UvicornThread(app, keepalive_s=keepalive_s)
     server.start()
     try:
         yield server
