@@ -19,13 +19,16 @@ class ClientDisconnected(Exception):
     """The client went away before its request body was complete."""
 
 
+_TABLE = "orchgate.headers"
+
+
 def header(scope: Scope, name: bytes) -> bytes | None:
-    """First value of a request header; ``name`` must be lower-case."""
-    value: bytes
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
+    """First value of a request header; ``name`` must be lower-case. The headers become a
+    table at the first lookup (one C call; a request asks for five or six)."""
+    table: dict[bytes, bytes] | None = scope.get(_TABLE)
+    if table is None:
+        table = scope[_TABLE] = dict(reversed(scope["headers"]))  # reversed: the first wins
+    return table.get(name)
 
 
 async def read_body(scope: Scope, receive: Any, limit: int) -> bytes:

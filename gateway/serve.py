@@ -82,6 +82,7 @@ def serve(
         http=app.front_door,  # httptools with limits while parsing (gateway/frontdoor.py)
         timeout_keep_alive=keepalive_s,  # type: ignore[arg-type]  # uvicorn accepts floats
         lifespan="on",
+        ws="none",  # no WebSocket routes: nor its libraries imported (memory, start time)
         access_log=False,
         proxy_headers=False,  # the gateway never reads X-Forwarded-*; saves ~8% CPU/request
         server_header=False,  # names no server software to a client (and one header less)

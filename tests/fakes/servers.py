@@ -79,6 +79,7 @@ class UvicornThread:
             # the gateway's own front door (limits while parsing), as `orchgate serve` runs
             http=getattr(app, "front_door", "httptools"),
             lifespan="on",
+            ws="none",  # as `orchgate serve`
             log_level="warning",
             access_log=False,
             proxy_headers=False,
