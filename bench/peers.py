@@ -21,7 +21,9 @@ interleaved in a random order; the report gives medians.
     python -m bench.peers --rounds 1 --streams 256 --seconds 3
 
 Writes ``bench/results/peers-<utc>.json`` and prints the table; the ``vs nginx`` columns
-are what ``README.md`` ("Performance") reports, since they hold across machines.
+are what ``README.md`` ("Performance") reports, since they hold across machines better than
+absolute figures. Then the profile guards: issue 15's targets, each checked against
+nginx or direct from the same run (``--strict``: exit 1 when one is missed).
 """
 
 from __future__ import annotations
@@ -332,6 +334,65 @@ def table(summary: dict[str, Any], targets: list[str], idle_rss_mb: float) -> st
     return "\n".join(lines)
 
 
+class Guard(msgspec.Struct):
+    """One of issue 15's targets, checked against this run's own figures."""
+
+    name: str
+    limit: str
+    measured: str
+    met: bool
+
+
+def guards(summary: dict[str, Any], idle_rss_mb: float) -> list[Guard]:
+    """orchgate against the targets, each relative to nginx or direct *from the same
+    run* (absolute figures move with the machine). Reported, never a timed test; ``--strict``
+    makes a miss the exit status."""
+    out: list[Guard] = []
+    ns32, ns1 = summary.get("ns_c32", {}), summary.get("ns_c1", {})
+    if "orchgate" in ns32 and "nginx" in ns32:
+        ratio = ns32["orchgate"]["cpu_us_per_req"] / ns32["nginx"]["cpu_us_per_req"]
+        out.append(Guard("CPU per request", "≤ 4× nginx", f"{ratio:.2f}×", ratio <= 4))
+    if "orchgate" in ns1:
+        added = ns1["orchgate"]["added_p50_ms"]
+        out.append(Guard("added p50 at c=1", "≤ 0.10 ms", f"{added:.3f} ms", added <= 0.10))
+    for name in sorted((n for n in summary if n.startswith("st_")), key=lambda n: int(n[3:])):
+        rows = summary[name]
+        ours, nginx = rows.get("orchgate"), rows.get("nginx")
+        if ours is None:
+            continue
+        n = name[3:]
+        bad = ours["bad_streams"]
+        out.append(Guard(f"{n} streams: lost or merged", "0 streams", str(bad), bad == 0))
+        if nginx is not None:
+            ratio = ours["cpu_us_per_event"] / nginx["cpu_us_per_event"]
+            out.append(
+                Guard(f"{n} streams: CPU per event", "≤ 1.5× nginx", f"{ratio:.2f}×", ratio <= 1.5)
+            )
+        if int(n) <= 256:  # beyond, the Python load generator is the bottleneck
+            x = ours["events_x_direct"]
+            out.append(Guard(f"{n} streams: events/s", "≥ 0.99× direct", f"{x:.3f}×", x >= 0.99))
+            if nginx is not None:
+                gap, bound = ours["added_gap_p99_ms"], nginx["added_gap_p99_ms"] + 0.5
+                out.append(
+                    Guard(
+                        f"{n} streams: added gap p99",
+                        f"≤ nginx + 0.5 ms ({bound:+.2f})",
+                        f"{gap:+.2f} ms",
+                        gap <= bound,
+                    )
+                )
+    out.append(Guard("idle RSS", "≤ 60 MB", f"{idle_rss_mb:.1f} MB", idle_rss_mb <= 60))
+    return out
+
+
+def guard_table(checked: list[Guard]) -> str:
+    lines = ["| guard | target | measured | |", "|---|---|---|---|"]
+    lines += [
+        f"| {g.name} | {g.limit} | {g.measured} | {'met' if g.met else 'MISSED'} |" for g in checked
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -343,6 +404,7 @@ def main() -> None:
     parser.add_argument("--pace-ms", type=float, default=5)
     parser.add_argument("--pin", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated targets (direct always)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a guard is missed")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is required: apt-get install wrk")
@@ -368,6 +430,7 @@ def main() -> None:
     finally:
         peers.close()
     summary = summarise(rounds, targets)
+    checked = guards(summary, peers.idle_rss_mb)
     report = {
         "python": sys.version.split()[0],
         "rounds": args.rounds,
@@ -375,13 +438,18 @@ def main() -> None:
         "pace_ms": args.pace_ms,
         "idle_rss_mb": peers.idle_rss_mb,
         "summary": summary,
+        "guards": checked,
     }
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(exist_ok=True)
     path = out_dir / time.strftime("peers-%Y%m%dT%H%M%SZ.json", time.gmtime())
     path.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
     print(table(summary, targets, peers.idle_rss_mb))
+    print()
+    print(guard_table(checked))
     print(f"results: {path}", file=sys.stderr)
+    if args.strict and not all(g.met for g in checked):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
