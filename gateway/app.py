@@ -142,14 +142,17 @@ def _openai_routes(proxy: OpenAIProxy) -> list[Any]:
     async def native(scope: Any, receive: Any, send: Any) -> None:
         await proxy.native(scope, receive, send)
 
+    # copy_scope=False: the handlers add to the scope on purpose (the header table)
     return [
         *(
-            asgi(path=list(r.paths), name=r.endpoint.name.lower())(_route_handler(proxy, r))
+            asgi(path=list(r.paths), name=r.endpoint.name.lower(), copy_scope=False)(
+                _route_handler(proxy, r)
+            )
             for r in ROUTES
         ),
-        asgi(path=["/v1/models", "/models"], name="models")(models),
-        asgi(path="/upstream/{rest:path}", name="upstream")(upstream),
-        asgi(path=sorted(NATIVE_PATHS), name="native")(native),
+        asgi(path=["/v1/models", "/models"], name="models", copy_scope=False)(models),
+        asgi(path="/upstream/{rest:path}", name="upstream", copy_scope=False)(upstream),
+        asgi(path=sorted(NATIVE_PATHS), name="native", copy_scope=False)(native),
     ]
 
 
