@@ -19,7 +19,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 
 from backends.hardware import detect
-from gateway.asgi import send_bytes
+from gateway.asgi import header, send_bytes
 from gateway.auth import TokenCheck
 from gateway.config import Config
 from gateway.endpoints import BY_PATH, MULTIPART_PATHS, NATIVE_PATHS, ROUTES, Route
@@ -485,7 +485,7 @@ class GatewayApp:
             self._access_line(scope, error.status, 0.0, rid)
 
     def _with_cors(self, scope: Any, send: Any) -> Any:
-        origin = next((v for k, v in scope["headers"] if k == b"origin"), None)
+        origin = header(scope, b"origin")
         if origin is None or not (self._cors_any or origin in self._cors):
             return send
         cors = [

@@ -52,7 +52,7 @@ from gateway.errors import (
     RequestTimeout,
     TooManyConnections,
 )
-from gateway.splice import WIRE_KEY
+from gateway.splice import WIRE_KEY, chunk
 
 log = logging.getLogger("orchgate")
 
@@ -161,7 +161,6 @@ class Cycle:
         "response_complete",
         "response_started",
         "scope",
-        "status",
         "transport",
     )
 
@@ -185,7 +184,6 @@ class Cycle:
         self.disconnected = False
         self.response_started = False
         self.response_complete = False
-        self.status = 0
         # headers every response of this request carries (CORS, set by the app)
         self.extra_headers: Headers | None = None
         self.more_body = True
@@ -292,12 +290,12 @@ class Cycle:
             return
         head = self._head(status, headers, None)
         if first and self._chunked:
-            head += b"%x\r\n%b\r\n" % (len(first), first)
+            head += chunk(first)
         self.transport.write(head)
 
-    def end_stream(self, tail: bytes = b"") -> None:
+    def end_stream(self) -> None:
         if not self.disconnected and self.response_started and not self.response_complete:
-            self._body_out(tail, False)
+            self._body_out(b"", False)
 
     # -- the wire format -----------------------------------------------------------------
     def _head(self, status: int, headers: Any, length: int | None) -> bytes:
@@ -320,7 +318,6 @@ class Cycle:
         if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
             raise RuntimeError("refusing a response header holding CR or LF")
         self.response_started = True
-        self.status = status
         return head
 
     def _copy_headers(self, headers: Any, lines: list[bytes], length: int | None) -> bool | None:
@@ -350,7 +347,7 @@ class Cycle:
             self._remaining = 0
         elif self._chunked:
             if body:
-                data = b"%x\r\n%b\r\n" % (len(body), body)
+                data = chunk(body)
                 self.transport.write(data if more else data + b"0\r\n\r\n")
             elif not more:
                 self.transport.write(b"0\r\n\r\n")
@@ -379,14 +376,14 @@ class Cycle:
         try:
             await app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:
-            self._abandon("cancelled")
+            self._abandon(None)  # the server's shutdown backstop: no answer to give
         except BaseException:
             log.exception("unhandled error in the application")
-            self._abandon(None, render)
+            self._abandon(render)
         else:
             if not self.response_started and not self.disconnected:
                 log.error("the application returned without answering")
-                self._abandon(None, render)
+                self._abandon(render)
             elif not self.response_complete and not self.disconnected:
                 log.error("the application returned before its response was complete")
                 self.transport.close()
@@ -394,9 +391,10 @@ class Cycle:
             self._on_done = None
             self._on_disconnect = None
 
-    def _abandon(self, why: str | None, render: Render | None = None) -> None:
-        """The application ended without an answer: a 500 envelope when nothing was sent
-        yet, else the connection is closed (a half-sent response cannot be mended)."""
+    def _abandon(self, render: Render | None) -> None:
+        """The application ended without an answer: a 500 envelope (``render``) when
+        nothing was sent yet, else the connection is closed (a half-sent response cannot
+        be mended)."""
         if self.response_started or self.disconnected or self.transport.is_closing():
             if not self.response_complete:
                 self.transport.close()

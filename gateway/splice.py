@@ -55,7 +55,7 @@ class Wire(Protocol):
         self, status: int, headers: list[tuple[bytes, bytes]], first: bytes
     ) -> None: ...
 
-    def end_stream(self, tail: bytes = b"") -> None: ...
+    def end_stream(self) -> None: ...
 
     def watch(self, on_disconnect: Callable[[], None] | None) -> None: ...
 
@@ -71,6 +71,11 @@ class Consumer(Protocol):
     def ending(self, error: BackendError | None) -> bytes: ...
 
     def failure(self, message: str) -> bytes: ...
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk (the front door's framing of a streamed answer)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def client_wire(scope: dict[str, Any]) -> Wire | None:
@@ -135,7 +140,7 @@ class Splice:
         transport = self._transport
         if transport.is_closing():
             return  # the client left: its DisconnectWatch ends the exchange
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # HTTP/1.1 chunked framing
+        transport.write(chunk(data))
         if self._wire.flow.write_paused and self._draining is None:
             self._reader.upstream.hold()
             self._draining = self._loop.create_task(self._drain())
