@@ -26,6 +26,7 @@ from gateway.residency import Residency
 from policies.fit import MIB, estimate
 from tests import catalog_trees as trees
 from tests.conftest import ADMIN, Gateway, run_gateway, test_assets
+from tests.fakes.servers import wait_until
 
 pytestmark = pytest.mark.llamacpp
 
@@ -138,7 +139,8 @@ def test_first_request_loads_the_model_and_the_list_shows_everything(
     started = time.monotonic()
     assert chat(gw, "alpha")
     first_token_s = time.monotonic() - started
-    assert listed(gw)["alpha"]["status"] == "loaded"
+    # the replica serves from its first healthy probe; "loaded" follows its warm-up request
+    assert wait_until(lambda: listed(gw)["alpha"]["status"] == "loaded", timeout=5)
     jobs = httpx.get(gw.url + "/v1/jobs", headers=ADMIN, timeout=5).json()["data"]
     load = next(j for j in jobs if j["model"] == "alpha" and j["kind"] == "load")
     phases = [p["phase"] for p in load["phases"]]
@@ -338,7 +340,9 @@ def test_task_api_and_anthropic_surface_load_on_demand(room_for_one: Gateway) ->
         timeout=120,
     )
     assert message.status_code == 200 and message.json()["type"] == "message"
-    assert listed(gw)["beta"]["status"] == "loaded" and listed(gw)["alpha"]["status"] != "loaded"
+    # the replica serves from its first healthy probe; "loaded" follows its warm-up request
+    assert wait_until(lambda: listed(gw)["beta"]["status"] == "loaded", timeout=5)
+    assert listed(gw)["alpha"]["status"] != "loaded"
 
 
 def test_explicit_pools_coexist_and_keep_their_names(
