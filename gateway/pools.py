@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 from backends.process import ManagedProcess
 from backends.registry import build_backend
@@ -16,6 +16,19 @@ from policies.admission import AdmissionQueue
 from policies.health import Ejector, HealthMonitor, mark_unreachable
 from policies.replicas import ReplicaState
 from policies.retry import RetryBudget, RetryPolicy
+
+# builds a pool's admission: in process by default; ``[cluster] mode = "active"`` would give
+# a ledger shared on Redis (the same interface, the same rules)
+AdmissionFactory = Callable[[Sequence[ReplicaState], PoolConfig], AdmissionQueue]
+
+
+def local_admission(replicas: Sequence[ReplicaState], config: PoolConfig) -> AdmissionQueue:
+    return AdmissionQueue(
+        replicas,
+        capacity=config.queue_capacity,
+        queue_timeout_s=config.queue_timeout_s,
+        unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
+    )
 
 
 class PoolRuntime:
@@ -39,7 +52,12 @@ class PoolRuntime:
     )
 
     def __init__(
-        self, config: PoolConfig, variant: str = "default", *, on_demand: bool = False
+        self,
+        config: PoolConfig,
+        variant: str = "default",
+        *,
+        on_demand: bool = False,
+        admission: AdmissionFactory = local_admission,
     ) -> None:
         self.config = config
         # a catalog model (gateway.residency): started on first request, parked when
@@ -50,12 +68,7 @@ class PoolRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.canonical = config.models[0]
         self.replicas = [ReplicaState(build_backend(r)) for r in config.replicas]
-        self.queue = AdmissionQueue(
-            self.replicas,
-            capacity=config.queue_capacity,
-            queue_timeout_s=config.queue_timeout_s,
-            unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
-        )
+        self.queue = admission(self.replicas, config)
         ejection = config.ejection
         self.health = HealthMonitor(
             self.replicas,

@@ -17,7 +17,7 @@ from backends.registry import ModelIndex
 from gateway.config import Config
 from gateway.errors import EndpointNotServed, InvalidRequest, ModelNotFound
 from gateway.history import History
-from gateway.pools import Hold, PoolRuntime
+from gateway.pools import AdmissionFactory, Hold, PoolRuntime, local_admission
 from gateway.tasks import TaskBook
 from gateway.wire import encoder, model_object, models_list
 from policies.admission import PoolClosed, QueueFull, QueueTimeout
@@ -51,9 +51,10 @@ class ClusterRole(Protocol):
 
 
 class GatewayState:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, admission: AdmissionFactory = local_admission) -> None:
         self.config = config
-        self.pools = {p.id: PoolRuntime(p) for p in config.pools}
+        self.admission = admission  # how every pool, also a reload's, builds its admission
+        self.pools = {p.id: PoolRuntime(p, admission=admission) for p in config.pools}
         # pools a reload replaced: no new requests, finishing what they hold (gateway.lifecycle)
         self.retiring: list[PoolRuntime] = []
         self.retired_models: dict[str, float] = {}  # model id -> when it stopped being served

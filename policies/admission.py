@@ -281,6 +281,11 @@ class AdmissionQueue:
         self._waiting[priority].append(waiter)
         return Ticket(self, waiter=waiter, position=position)
 
+    async def admit(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
+        """``enqueue`` behind the seam a shared ledger needs (``[cluster] mode = "active"``
+        decides in Redis, so it awaits); here it never suspends."""
+        return self.enqueue(priority, avoid=avoid)
+
     async def acquire(self, priority: Priority, *, avoid: Collection[str] = ()) -> Lease:
         """A lease on the least-loaded ready replica, waiting in the queue if needed."""
         return await self.enqueue(priority, avoid=avoid).wait()

@@ -377,7 +377,7 @@ class Lifecycle:
             expected = self.swap_seconds.get(change.pool_id, 5.0)
             await replace_in_place(self.state, change, self._progress, expected)
         else:
-            await bring_up(change, self._progress)
+            await bring_up(change, self._progress, self.state.admission)
 
     async def _roll_back(
         self,

@@ -13,7 +13,7 @@ import msgspec
 from backends.base import Endpoint, Limits, UpstreamCall
 from backends.errors import BackendError, BackendRejected
 from gateway.config import Config, PoolConfig
-from gateway.pools import Hold, PoolRuntime
+from gateway.pools import AdmissionFactory, Hold, PoolRuntime, local_admission
 from gateway.state import GatewayState
 from policies.admission import PoolClosed
 from policies.replicas import Counters, ReplicaLatency, ReplicaState
@@ -57,14 +57,19 @@ class Change:
         self.carried: list[tuple[ReplicaState, Counters]] = []
 
 
-async def bring_up(change: Change, on_phase: Callable[[Change, str], None]) -> None:
+async def bring_up(
+    change: Change,
+    on_phase: Callable[[Change, str], None],
+    admission: AdmissionFactory = local_admission,
+) -> None:
     """Launch, health gate, warm-up; bounded as a whole by ``reload_timeout_s``. The new
-    set is ``change.new`` from the first step on, so a failure can stop it."""
+    set is ``change.new`` from the first step on, so a failure can stop it. ``admission``:
+    how the new set's queue is built (``GatewayState.admission``)."""
     assert change.target is not None
     limit = change.target.reload_timeout_s
     try:
         async with asyncio.timeout(limit + 5.0):  # backstop: each step has its own limit
-            await _gate(change, on_phase)
+            await _gate(change, on_phase, admission)
     except TimeoutError:
         raise BringUpFailed(f"not serving within reload_timeout_s={limit:g}") from None
     log.info("pool %s: new replica set is healthy and serving", change.pool_id)
@@ -88,7 +93,7 @@ async def replace_in_place(
     on_phase(change, "stopping")
     change.old_stopped = True
     await old.stop()
-    await bring_up(change, on_phase)
+    await bring_up(change, on_phase, state.admission)
 
 
 async def restore(
@@ -101,7 +106,7 @@ async def restore(
     back = Change(change.pool_id, None, old.config, old.variant)
     problem = None
     try:
-        await bring_up(back, on_phase)
+        await bring_up(back, on_phase, state.admission)
     except BringUpFailed as exc:
         problem = str(exc)
         log.error("pool %s: the previous setting did not come back: %s", change.pool_id, exc)
@@ -118,9 +123,11 @@ def release_hold(state: GatewayState, pool_id: str) -> None:
         hold.released.set()
 
 
-async def _gate(change: Change, on_phase: Callable[[Change, str], None]) -> None:
+async def _gate(
+    change: Change, on_phase: Callable[[Change, str], None], admission: AdmissionFactory
+) -> None:
     assert change.target is not None
-    new = change.new = PoolRuntime(change.target, change.variant)
+    new = change.new = PoolRuntime(change.target, change.variant, admission=admission)
     await gate(new, change.target.reload_timeout_s, lambda phase: on_phase(change, phase))
 
 

@@ -236,26 +236,32 @@ async def _settle(state: GatewayState, raw: bytes) -> None:
         raise _refused(exc, pool.engine) from None
 
 
-def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
+async def admit_task(state: GatewayState, book: TaskBook, raw: bytes) -> Task:
     """Validate a submit, admit it into its pool's queue (429/503 now, not later), start it."""
     req, pool = _parse(state, raw)
     max_tokens = req.max_tokens or state.config.tasks.default_max_tokens
     payload, endpoint, prompt_chars = _payload(req, pool, max_tokens)
     _guard_context(req, pool, max_tokens, prompt_chars)
     task_id = req.task_id or book.new_id()
-    if book.get(task_id) is not None:
-        raise TaskError(
-            409,
-            "INVALID_PARAMS",
-            f"task_id {task_id!r} already exists",
-            engine=pool.engine,
-            retriable=False,
-        )
+    _unique(book, task_id, pool.engine)
     try:
-        ticket = pool.queue.enqueue(req.priority)
+        ticket = await pool.queue.admit(req.priority)
     except AdmissionError as exc:
         raise _refused(exc, pool.engine) from None
+    try:  # a shared ledger awaits: a twin submitted meanwhile must not run twice
+        _unique(book, task_id, pool.engine)
+    except TaskError:
+        ticket.abandon()
+        raise
     return book.submit(task_id, pool, req.priority, ticket, payload, endpoint)
+
+
+def _unique(book: TaskBook, task_id: str, engine: str) -> None:
+    if book.get(task_id) is not None:
+        raise TaskError(
+            409, "INVALID_PARAMS", f"task_id {task_id!r} already exists",
+            engine=engine, retriable=False,
+        )  # fmt: skip
 
 
 def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Router:
@@ -264,7 +270,7 @@ def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Ro
         raw = await request.body()
         if state.holds:  # a pool swapping in place: submits wait for it, bounded
             await _settle(state, raw)
-        task = admit_task(state, book, raw)
+        task = await admit_task(state, book, raw)
         return Response(
             {
                 "task_id": task.id,
