@@ -287,8 +287,10 @@ class AdmissionQueue:
         return self.enqueue(priority, avoid=avoid)
 
     async def acquire(self, priority: Priority, *, avoid: Collection[str] = ()) -> Lease:
-        """A lease on the least-loaded ready replica, waiting in the queue if needed."""
-        return await self.enqueue(priority, avoid=avoid).wait()
+        """A lease on the least-loaded ready replica, waiting in the queue if needed.
+        Through ``admit``, so a shared ledger overriding it serves this path too."""
+        ticket = await self.admit(priority, avoid=avoid)
+        return await ticket.wait()
 
     def pump(self) -> None:
         """Grant free slots to waiters, interactive strictly first. Call after capacity grows

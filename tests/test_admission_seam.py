@@ -93,3 +93,24 @@ async def test_twin_task_ids_through_a_suspending_ledger_start_one_task(
         while queue.in_use():
             await asyncio.sleep(0.01)
     assert queue.depth() == 0
+
+
+async def test_acquire_goes_through_admit() -> None:
+    """The OpenAI path (``acquire``) and the task API (``admit``) meet in one override."""
+    admitted: list[Priority] = []
+
+    class Counting(AdmissionQueue):
+        async def admit(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
+            admitted.append(priority)
+            return await super().admit(priority, avoid=avoid)
+
+    state = GatewayState(
+        _config("http://127.0.0.1:9"),
+        admission=lambda replicas, config: Counting(replicas, capacity=4, queue_timeout_s=1),
+    )
+    queue = state.pools["p"].queue
+    queue.replicas[0].ready = True
+    lease = await queue.acquire(Priority.BATCH)
+    assert admitted == [Priority.BATCH] and queue.in_use() == 1
+    lease.release()
+    assert queue.in_use() == 0

@@ -13,7 +13,7 @@ import msgspec
 from backends.base import Endpoint, Limits, UpstreamCall
 from backends.errors import BackendError, BackendRejected
 from gateway.config import Config, PoolConfig
-from gateway.pools import AdmissionFactory, Hold, PoolRuntime, local_admission
+from gateway.pools import AdmissionFactory, Hold, PoolRuntime
 from gateway.state import GatewayState
 from policies.admission import PoolClosed
 from policies.replicas import Counters, ReplicaLatency, ReplicaState
@@ -60,7 +60,7 @@ class Change:
 async def bring_up(
     change: Change,
     on_phase: Callable[[Change, str], None],
-    admission: AdmissionFactory = local_admission,
+    admission: AdmissionFactory,
 ) -> None:
     """Launch, health gate, warm-up; bounded as a whole by ``reload_timeout_s``. The new
     set is ``change.new`` from the first step on, so a failure can stop it. ``admission``:
