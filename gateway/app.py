@@ -37,6 +37,7 @@ from gateway.jobs import JobBook
 from gateway.lifecycle import Lifecycle
 from gateway.logging import AccessLog, AccessRecord
 from gateway.openapi import build_openapi
+from gateway.pools import AdmissionFactory, local_admission
 from gateway.residency import Residency
 from gateway.routes.catalog import catalog_handlers
 from gateway.routes.control import control_handlers
@@ -163,7 +164,8 @@ def create_app(
     access_log_stream: TextIO | None = None,
 ) -> GatewayApp:
     """``config_path``: the file ``config`` came from, re-read by reloads (SIGHUP too)."""
-    state = GatewayState(config)
+    role = _cluster_role(config)
+    state = GatewayState(config, admission=_admission(role))
     auth = TokenCheck(config.auth.token, config.auth.admin_token)
     access_log = AccessLog(enabled=config.server.access_log, stream=access_log_stream)
     state.tasks.log = access_log
@@ -180,7 +182,7 @@ def create_app(
         jobs=jobs,
     )
     residency = _residency(state, config, webhooks, jobs, reservations)
-    standby = _standby(state, config, lifecycle)
+    standby = _join(role, state, config, lifecycle)
 
     async def require_token(
         connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
@@ -315,17 +317,35 @@ def _residency(
     )
 
 
-def _standby(state: GatewayState, config: Config, lifecycle: Lifecycle) -> Standby | None:
-    if config.cluster is None:
+def _cluster_role(config: Config) -> Standby | None:
+    cluster = config.cluster
+    if cluster is None:
         return None
-    from gateway.cluster.standby import Standby  # only now is the Redis client imported
+    if cluster.mode == "active":
+        from gateway.cluster.active import Active  # only now is the Redis client imported
 
-    standby = Standby(config.cluster)
-    state.cluster = standby
-    # tasks and reservations survive the leader: stored in Redis before they are answered
-    state.tasks.sink = state.tasks.remote = standby.task_log(config.tasks.retention_s)
-    lifecycle.reservation_store = standby.share_reservations(lifecycle.reservations)
-    return standby
+        return Active(cluster)
+    from gateway.cluster.standby import Standby
+
+    return Standby(cluster)
+
+
+def _admission(role: Standby | None) -> AdmissionFactory:
+    """In process, unless every node serves: then one ledger in Redis for all of them."""
+    admission = getattr(role, "admission", None)
+    return local_admission if admission is None else admission
+
+
+def _join(
+    role: Standby | None, state: GatewayState, config: Config, lifecycle: Lifecycle
+) -> Standby | None:
+    if role is None:
+        return None
+    state.cluster = role
+    # tasks survive their node: stored in Redis before they are answered
+    state.tasks.sink = state.tasks.remote = role.share_tasks(state.tasks, config.tasks.retention_s)
+    lifecycle.reservation_store = role.share_reservations(lifecycle.reservations)
+    return role
 
 
 # gen-0 every 7,000 net allocations instead of 700: with 32 requests in flight most of a

@@ -206,9 +206,10 @@ class CatalogConfig(Strict, frozen=True):
 
 class ClusterConfig(Strict, frozen=True):
     """Several gateways on one Redis/Valkey (``gateway.cluster``); absent: one process,
-    nothing imported. ``standby``: one leader serves, the others wait to take over."""
+    nothing imported. ``standby``: one leader serves, the others wait to take over;
+    ``active``: every node serves, admission decided in one shared ledger."""
 
-    mode: Literal["standby"] = "standby"
+    mode: Literal["standby", "active"] = "standby"
     url: str = "redis://127.0.0.1:6379/0"  # env ORCHGATE_CLUSTER_URL overrides
     node_id: Identifier | None = None  # default: the host name and a random suffix
     lease_s: Annotated[float, Meta(ge=1, le=60)] = 5.0  # the leader's lease

@@ -23,7 +23,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from policies.admission import PoolClosed, PoolUnready, Priority, QueueFull, QueueTimeout
+from policies.admission import (
+    LedgerUnavailable,
+    PoolClosed,
+    PoolUnready,
+    Priority,
+    QueueFull,
+    QueueTimeout,
+)
 
 if TYPE_CHECKING:
     from gateway.pools import PoolRuntime
@@ -57,6 +64,11 @@ class GatewayCollector(Collector):
         yield from self._home_profile()
         if self.state.config.metrics.extended:
             yield from self._extended()
+
+    def _rejection_reasons(self) -> tuple[str, ...]:
+        if self.state.cluster is None:
+            return REJECTION_REASONS
+        return (*REJECTION_REASONS, LedgerUnavailable.reason)  # a shared ledger's store away
 
     def _home_profile(self) -> Iterator[Metric]:
         pools = list(self.state.pools.values())
@@ -94,7 +106,7 @@ class GatewayCollector(Collector):
             "model_state", "1 for the model's current state.", labels=["model_id", "state"]
         )
         # every reason from the start at 0, so rate() and alerts work before the first one
-        rejections = {(p.engine, r): 0 for p in pools for r in REJECTION_REASONS}
+        rejections = {(p.engine, r): 0 for p in pools for r in self._rejection_reasons()}
         for pool in pools:
             pool_version = _pool_version(pool)
             for priority in Priority:
@@ -127,12 +139,36 @@ class GatewayCollector(Collector):
 
     def _cluster(self) -> Iterator[Metric]:
         cluster = self.state.cluster
-        if cluster is not None:  # [cluster]: 1 on the node that leads (alert when none does)
+        if cluster is None:
+            return
+        view = cluster.view()
+        if view["mode"] != "active":  # 1 on the node that leads (alert when none does)
             leader = GaugeMetricFamily(
                 "orchgate_cluster_leader", "1 while this node leads the cluster.", labels=["node"]
             )
-            leader.add_metric([cluster.view()["node"]], 1 if cluster.leading else 0)
+            leader.add_metric([view["node"]], 1 if cluster.leading else 0)
             yield leader
+            return
+        member = GaugeMetricFamily(
+            "orchgate_cluster_member",
+            "1 while this node is a member of the active cluster (and so admits).",
+            labels=["node"],
+        )
+        member.add_metric([view["node"]], 1 if cluster.leading else 0)
+        queued = GaugeMetricFamily(
+            "orchgate_cluster_queue_depth",
+            "Requests waiting in the pool's shared queue, on every node, as last seen.",
+            labels=["pool_id"],
+        )
+        reaped = CounterMetricFamily(
+            "orchgate_cluster_reaped",
+            "Leases and places of dead nodes this node gave back.",
+            labels=["pool_id"],
+        )
+        for pool_id, pool in view["pools"].items():
+            queued.add_metric([pool_id], pool["queued_cluster_wide"])
+            reaped.add_metric([pool_id], pool["reaped"])
+        yield from (member, queued, reaped)
 
     def _extended(self) -> Iterator[Metric]:
         labels = ["pool_id", "replica_id"]

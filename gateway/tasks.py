@@ -164,6 +164,8 @@ class RemoteTasks(Protocol):
 
     async def frames(self, task_id: str, after: int) -> AsyncIterator[bytes] | None: ...
 
+    async def cancel(self, task_id: str) -> bool | None: ...
+
 
 # what the new owner of a task whose gateway stopped leading ends it with: the same bytes
 # wherever it is written, so a client never holds one id with two different contents

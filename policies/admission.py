@@ -81,6 +81,13 @@ class PoolClosed(AdmissionError):
     reason = "shutting_down"
 
 
+class LedgerUnavailable(AdmissionError):
+    """A shared ledger (``[cluster] mode = "active"``) could not decide in time: its store
+    is slow or away, or this node is not a member right now."""
+
+    reason = "ledger_unavailable"
+
+
 class Lease:
     """One reserved slot on one replica. ``release`` is idempotent."""
 
@@ -322,6 +329,7 @@ class AdmissionQueue:
                 if not waiter.future.done():
                     self.rejected[error.reason] += 1
                     waiter.future.set_exception(error)
+                self._dropped(waiter)
 
     # -- internals -----------------------------------------------------------------------
     def _has_waiters_ahead(self, priority: Priority) -> bool:
@@ -340,6 +348,10 @@ class AdmissionQueue:
         if observe:
             self.rate.observe(now - lease.started_at)
         self.pump()
+
+    def _dropped(self, waiter: _Waiter) -> None:
+        """A waiter refused by ``fail_waiters``: nothing more to do in process (a shared
+        ledger gives its place back there)."""
 
     def _abandon(self, waiter: _Waiter) -> None:
         future = waiter.future

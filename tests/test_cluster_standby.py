@@ -288,7 +288,7 @@ def test_without_a_cluster_section_redis_is_never_imported() -> None:
         ({"cluster": {"lease_s": 2, "heartbeat_s": 1.5}}, "heartbeat_s"),
         ({"cluster": {"url": "http://x"}}, "cluster.url"),
         ({"cluster": {}, "catalog": {"dirs": []}}, "[catalog]"),
-        ({"cluster": {"mode": "active"}}, "mode"),
+        ({"cluster": {"mode": "both"}}, "mode"),
     ],
 )
 def test_cluster_config_is_checked(extra: dict[str, Any], message: str) -> None:

@@ -163,3 +163,20 @@ def test_the_standby_overlay_runs_two_gateways_behind_a_ready_check() -> None:
     assert "option httpchk GET /ready" in haproxy and "orchgate-b:8080 check" in haproxy
     assert all(p.startswith("127.0.0.1:") for p in services["lb"]["ports"])
     assert "noeviction" in services["valkey"]["command"]
+
+
+def test_the_active_overlay_makes_both_gateways_serve() -> None:
+    """``compose.active.yaml`` over the standby overlay: both gateways read a config in
+    ``active`` mode (same pools, url replicas only); everything else is the standby's."""
+    overlay = yaml.safe_load((REPO / "compose.active.yaml").read_text())
+    standby = yaml.safe_load((REPO / "compose.standby.yaml").read_text())["services"]
+    assert set(overlay["services"]) == {"orchgate", "orchgate-b"}
+    for name, service in overlay["services"].items():
+        (volume,) = service["volumes"]
+        source, target = volume.split(":")[:2]
+        assert target == standby[name]["volumes"][0].split(":")[1]  # replaces that mount
+        config = parse_config((REPO / source).read_text(), env={"ORCHGATE_API_TOKEN": "t"})
+        assert config.cluster is not None and config.cluster.mode == "active"
+        twin = parse_config((REPO / "deploy/orchgate-cluster.toml").read_text(),
+                            env={"ORCHGATE_API_TOKEN": "t"})  # fmt: skip
+        assert config.pools == twin.pools

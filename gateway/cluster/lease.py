@@ -70,6 +70,7 @@ class LeaderLease:
         self.reachable = False  # the last Redis call answered
         self._valid_until = 0.0  # our clock: act until then
         self._was_leading = False
+        self._lapsed = False  # the lease was lost in this step (and maybe taken again)
         self._next_s: float | None = None  # when to try next, if sooner than a heartbeat
         self._task: asyncio.Task[None] | None = None
         self._acquire = client.register_script(_ACQUIRE)
@@ -132,6 +133,7 @@ class LeaderLease:
                 return
             log.warning("lost the lead (epoch %s): the lease was taken or expired", self.epoch)
             self.epoch = None
+            self._lapsed = True
         epoch = await self._acquire(keys=[self._key, self._epoch_key],
                                     args=[self.node_id, self.lease_ms])  # fmt: skip
         if epoch is not None:
@@ -148,11 +150,20 @@ class LeaderLease:
 
     def _changed(self) -> None:
         leading = self.leading
+        if self._lapsed and leading and self._was_leading:
+            # lost and taken again within one step (Redis came back empty, say): whoever
+            # listens must hear both -- what it held under the old lease is gone
+            self._lapsed = False
+            self._notify(False)
+        self._lapsed = False
         if leading != self._was_leading:
-            self._was_leading = leading
-            if leading:
-                log.warning("now leading (epoch %s)", self.epoch)
-            else:
-                log.warning("not leading any more")
-            if self._on_change is not None:
-                self._on_change(leading)
+            self._notify(leading)
+
+    def _notify(self, leading: bool) -> None:
+        self._was_leading = leading
+        if leading:
+            log.warning("now leading (epoch %s)", self.epoch)
+        else:
+            log.warning("not leading any more")
+        if self._on_change is not None:
+            self._on_change(leading)

@@ -20,9 +20,10 @@ from typing import Any
 
 from gateway.cluster.lease import LeaderLease
 from gateway.cluster.reservations import RedisReservations
-from gateway.cluster.tasks import RedisTaskLog
+from gateway.cluster.tasks import AskCancel, RedisTaskLog
 from gateway.config import ClusterConfig
 from gateway.errors import GatewayError, NotLeader
+from gateway.tasks import TaskBook
 from policies.reservation import ReservationBook
 
 log = logging.getLogger("orchgate.cluster")
@@ -44,6 +45,7 @@ class Standby:
         import redis.asyncio  # here: a gateway without [cluster] never imports it
 
         url = (env if env is not None else os.environ).get(CLUSTER_URL_ENV) or config.url
+        self.url = url
         self.config = config
         self.node_id = config.node_id or default_node_id()
         self._client = redis.asyncio.Redis.from_url(
@@ -55,7 +57,7 @@ class Standby:
         self._on_lead: list[Callable[[], Awaitable[None]]] = []  # run on taking the lead
         self.lease = LeaderLease(
             self._client,
-            key=f"{config.key_prefix}:leader:data",
+            key=self.lease_key(),
             node_id=self.node_id,
             lease_s=config.lease_s,
             heartbeat_s=config.heartbeat_s,
@@ -64,6 +66,10 @@ class Standby:
         )
         self._adopting: asyncio.Task[None] | None = None
         self._settled = False  # leading, and what the last leader left is adopted
+
+    def lease_key(self) -> str:
+        """The lease this node's serving depends on: the one leader's."""
+        return f"{self.config.key_prefix}:leader:data"
 
     def _changed(self, leading: bool) -> None:
         self._settled = False  # serve only once the takeover steps are done
@@ -78,7 +84,7 @@ class Standby:
                 log.exception("takeover step failed")
         self._settled = self.lease.leading
 
-    def share_reservations(self, book: ReservationBook) -> RedisReservations:
+    def share_reservations(self, book: ReservationBook) -> RedisReservations | None:
         """Reservations in Redis: stored as granted, adopted by the next leader."""
         store = RedisReservations(
             self._client, prefix=self.config.key_prefix, lease=self.lease,
@@ -93,14 +99,19 @@ class Standby:
         self._on_lead.append(adopt)
         return store
 
-    def task_log(self, retention_s: float) -> RedisTaskLog:
-        """The task API's event logs in Redis (write-through on the leader)."""
+    def share_tasks(self, book: TaskBook, retention_s: float) -> RedisTaskLog:
+        """The task API's event logs in Redis (write-through on the leader); ``book``: the
+        tasks this node runs."""
+        return self._task_log(retention_s)
+
+    def _task_log(self, retention_s: float, ask_cancel: AskCancel | None = None) -> RedisTaskLog:
         return RedisTaskLog(
             self._client,
             prefix=self.config.key_prefix,
             lease=self.lease,
             retention_s=retention_s,
             op_timeout_s=self.config.op_timeout_s,
+            ask_cancel=ask_cancel,
         )
 
     @property

@@ -19,8 +19,9 @@ events it missed and that error.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -51,11 +52,15 @@ else
 end
 return 1
 """
-# a task whose owner stopped leading: this leader ends it (ARGV[2]: the error event, no id)
+# a task whose owner stopped leading: this leader ends it (ARGV[2]: the error event, no id);
+# -3 when its owner is a live member of an active cluster (it runs there: follow it)
 _CLAIM_FAIL = """
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -1 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'terminal') == '1' then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'owner') or ''
+local node = string.match(owner, '^(.+)|%d+$')
+if node and redis.call('GET', ARGV[6] .. ':node:' .. node) == owner then return -3 end
 local n = tonumber(redis.call('HGET', KEYS[1], 'next') or '1')
 redis.call('XADD', KEYS[2], '0-' .. n, 'f', 'id: ' .. n .. '\\n' .. ARGV[2])
 local view = cjson.decode(redis.call('HGET', KEYS[1], 'view'))
@@ -69,6 +74,11 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return n
 """
 _RETRY_S = 0.05  # Redis slow or away: how soon a batch is tried again (while leading)
+_FOLLOW_BLOCK_MS = 200  # a reader of a task running on another node waits this long per read
+_CANCEL_WAIT_S = 5.0  # how long a cancel asked of another node waits for its task to end
+
+
+AskCancel = Callable[[str, str], Awaitable[None]]  # (owner "node|epoch", task id)
 
 
 class Fenced(Exception):
@@ -80,9 +90,10 @@ class RedisTaskLog:
 
     def __init__(
         self, client: Any, *, prefix: str, lease: LeaderLease, retention_s: float,
-        op_timeout_s: float,
+        op_timeout_s: float, ask_cancel: AskCancel | None = None,
     ) -> None:  # fmt: skip
         self._client = client
+        self._ask_cancel = ask_cancel  # active mode: how a cancel reaches a task's node
         self._prefix = prefix
         self._lease = lease
         self._retention_ms = max(1000, int(retention_s * 1000))
@@ -137,38 +148,87 @@ class RedisTaskLog:
                 raise Fenced
             return
 
-    # -- what other nodes' tasks look like to this leader ---------------------------------
+    # -- what other nodes' tasks look like to this node -----------------------------------
     async def view(self, task_id: str) -> dict[str, Any] | None:
-        """The task's last stored view (ended here first if its owner stopped leading)."""
+        """The task's last stored view (ended here first if its owner stopped serving)."""
         await self._settle(task_id)
         raw = await self._client.hget(self._keys(task_id)[0], "view")
         return None if raw is None else msgspec.json.decode(raw)
 
     async def frames(self, task_id: str, after: int) -> AsyncIterator[bytes] | None:
         """The stored events after the ``after``-th, or None for a task Redis does not
-        know."""
-        if not await self._settle(task_id):
+        know; a task still running on another node is followed until it ends."""
+        found = await self._settle(task_id)
+        if found is _Found.UNKNOWN:
             return None
+        if found is _Found.RUNNING:
+            return self._follow(task_id, after)
         entries = await self._client.xrange(self._keys(task_id)[1], min=f"(0-{after}")
         return _frames(entries)
 
-    async def _settle(self, task_id: str) -> bool:
-        """Whether the task is known; an unfinished one is ended by this leader now."""
+    async def cancel(self, task_id: str) -> bool | None:
+        """Cancel a task another node runs: True once its node ended it cancelled, False
+        when it had ended already, None for a task Redis does not know."""
+        found = await self._settle(task_id)
+        if found is _Found.UNKNOWN:
+            return None
+        if found is _Found.RUNNING and self._ask_cancel is not None:
+            base = self._keys(task_id)[0]
+            await self._ask_cancel((await self._client.hget(base, "owner")).decode(), task_id)
+            async with asyncio.timeout(_CANCEL_WAIT_S):
+                while await self._client.hget(base, "terminal") != b"1":
+                    await asyncio.sleep(0.01)
+            view = await self.view(task_id)
+            return view is not None and view.get("state") == "cancelled"
+        return False
+
+    async def _follow(self, task_id: str, after: int) -> AsyncIterator[bytes]:
+        base, events = self._keys(task_id)[:2]
+        last = f"0-{after}"
+        while True:
+            answer = await self._client.xread({events: last}, block=_FOLLOW_BLOCK_MS, count=512)
+            if answer:
+                for entry_id, fields in answer[0][1]:
+                    last = entry_id
+                    yield fields[b"f"]
+                continue
+            if await self._client.hget(base, "terminal") == b"1":
+                for _, fields in await self._client.xrange(events, min=b"(" + _bytes(last)):
+                    yield fields[b"f"]
+                return
+            await self._settle(task_id)  # its node died meanwhile: ended here, read on
+
+    async def _settle(self, task_id: str) -> _Found:
+        """Whether the task is known, and where it stands; one whose owner stopped serving
+        is ended by this node now."""
         keys = self._keys(task_id)
         fields = await self._client.hmget(keys[0], ["terminal", "view"])
         if fields[1] is None:
-            return False
+            return _Found.UNKNOWN
         if fields[0] != b"1":
             engine = msgspec.json.decode(fields[1]).get("engine", "gateway")
             error = failover_error(engine)
             frame = sse("error", error)
             args = [self._lease.value, frame, msgspec.json.encode(error), self._retention_ms,
-                    task_id]  # fmt: skip
-            if await self._claim_fail(keys=keys, args=args) == -1:
+                    task_id, self._prefix]  # fmt: skip
+            claimed = await self._claim_fail(keys=keys, args=args)
+            if claimed == -3:
+                return _Found.RUNNING
+            if claimed == -1:
                 raise NotLeader(
                     "this gateway stopped leading; ask again", headers={"Retry-After": "1"}
                 )
-        return True
+        return _Found.STORED
+
+
+class _Found(enum.Enum):
+    UNKNOWN = "unknown"
+    STORED = "stored"  # ended: its log is complete
+    RUNNING = "running"  # on another live node (active mode)
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 async def _frames(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> AsyncIterator[bytes]:

@@ -296,8 +296,12 @@ def task_router(state: GatewayState, book: TaskBook, *, guards: list[Any]) -> Ro
     @post("/v1/tasks/{task_id:str}/cancel", status_code=204)
     async def cancel(task_id: str) -> None:
         if book.get(task_id) is None and book.remote is not None:
-            # another gateway ran it: by now it has ended (a leader ends orphans at once)
-            view = await book.remote.view(task_id)
+            # another gateway runs it (active mode: its node cancels it, 204 once it ended)
+            # or ran it (ended: a leader ends a former leader's tasks at once)
+            cancelled = await book.remote.cancel(task_id)
+            if cancelled:
+                return
+            view = await book.remote.view(task_id) if cancelled is False else None
             if view is not None:
                 raise _nothing_to_cancel(task_id, view["state"], view.get("engine"))
         task = _lookup(book, task_id)

@@ -54,6 +54,7 @@ class FakeUpstream:
         self.disconnects: list[float] = []
         self.script: list[dict[str, Any]] = []
         self.active = 0
+        self.peak = 0  # the most requests it held at once
         self.healthy = True
         self.reset_posts = False  # health passes but every request is reset: a sick replica
 
@@ -127,6 +128,7 @@ class FakeUpstream:
         spec: dict[str, Any] = self.script.pop(0) if self.script else (body.get("fake") or {})
         mode = spec.get("mode") or ("stream" if body.get("stream") else "json")
         self.active += 1
+        self.peak = max(self.peak, self.active)
         try:
             return await _MODES.get(mode, _stream)(request, body, spec)
         except (asyncio.CancelledError, ConnectionResetError):
