@@ -113,6 +113,9 @@ class Active(Standby):
     def forget(self, ticket: str) -> None:
         self._expected.pop(ticket, None)
 
+    def expects(self, ticket: str) -> bool:
+        return ticket in self._expected
+
     def send(
         self, kind: str, queue: SharedAdmission, ticket: str = "", held_s: float | None = None
     ) -> None:

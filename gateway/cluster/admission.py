@@ -45,6 +45,7 @@ class ClusterLink(Protocol):
     def ticket(self) -> str | None: ...
     def expect(self, ticket: str, waiter: SharedWaiter) -> None: ...
     def forget(self, ticket: str) -> None: ...
+    def expects(self, ticket: str) -> bool: ...
     def store_failed(self) -> None: ...
     def send(
         self, kind: str, queue: SharedAdmission, ticket: str = "", held_s: float | None = None
@@ -145,6 +146,9 @@ class SharedAdmission(AdmissionQueue):
         if kind == b"Q":
             self.global_depth = max(self.global_depth, int(answer[1]))
             if not waiter.future.done():
+                if not self._link.expects(waiter.ticket):  # membership lost meanwhile
+                    self._link.send("abandon", self, waiter.ticket)
+                    raise self._unavailable("this gateway is rejoining the cluster; try again")
                 self._waiting[waiter.priority].append(waiter)
             return Ticket(self, waiter=waiter, position=int(answer[1]))
         self._link.forget(waiter.ticket)
