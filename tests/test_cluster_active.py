@@ -219,6 +219,14 @@ def test_a_task_streams_and_is_cancelled_through_another_node(
     assert httpx.get(f"{other}/v1/tasks/{task_id}", timeout=10).json()["state"] == "cancelled"
     assert httpx.post(f"{owner}/v1/tasks/{task_id}/cancel", timeout=10).status_code == 204
 
+    # a task that runs to its end, followed from another node while it runs: every event,
+    # the same bytes as on its own node
+    body["params"] = {"fake": {"chunks": 40, "delay_s": 0.02}}
+    short = httpx.post(owner + "/v1/tasks", json=body, timeout=10).json()["task_id"]
+    followed = httpx.get(f"{other}/v1/tasks/{short}/stream", timeout=20).content
+    assert parse_task_frames(followed)[-1][1] == "end"
+    assert followed == httpx.get(f"{owner}/v1/tasks/{short}/stream", timeout=10).content
+
 
 def test_redis_frozen_under_load_refuses_fast_and_never_overfills(
     nodes: dict[str, GatewayProcess], engines: list[FakeUpstream], redis_server: RedisServer
