@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import TypedDict
 
 from backends.process import ManagedProcess
 from backends.registry import build_backend
@@ -22,13 +23,23 @@ from policies.retry import RetryBudget, RetryPolicy
 AdmissionFactory = Callable[[Sequence[ReplicaState], PoolConfig], AdmissionQueue]
 
 
+class QueueSettings(TypedDict):
+    capacity: int
+    queue_timeout_s: float
+    unready_retry_s: float
+
+
+def queue_settings(config: PoolConfig) -> QueueSettings:
+    """What every admission queue of the pool is built with, local or shared."""
+    return {
+        "capacity": config.queue_capacity,
+        "queue_timeout_s": config.queue_timeout_s,
+        "unready_retry_s": max(1.0, min(config.health_interval_s, 5.0)),
+    }
+
+
 def local_admission(replicas: Sequence[ReplicaState], config: PoolConfig) -> AdmissionQueue:
-    return AdmissionQueue(
-        replicas,
-        capacity=config.queue_capacity,
-        queue_timeout_s=config.queue_timeout_s,
-        unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
-    )
+    return AdmissionQueue(replicas, **queue_settings(config))
 
 
 class PoolRuntime:

@@ -260,15 +260,8 @@ class AdmissionQueue:
         """Admit a request now, without awaiting: a ticket holding either a lease (a slot
         was free) or a place in the queue. Raises ``PoolUnready``, ``QueueFull`` or
         ``PoolClosed``."""
-        if self.closed is not None:
-            self.rejected[PoolClosed.reason] += 1
-            raise self.closed
-        if not self.is_ready():
-            if self.on_demand is None:
-                self.rejected[PoolUnready.reason] += 1
-                raise PoolUnready(
-                    "no replica of this pool is ready", retry_after_s=self.unready_retry_s
-                )
+        if not self._admissible():
+            assert self.on_demand is not None  # what _admissible() answered False for
             try:
                 self.on_demand()  # a model on demand: start it; the request waits
             except AdmissionError as error:
@@ -287,6 +280,21 @@ class AdmissionQueue:
         waiter = _Waiter(loop.create_future(), priority, avoid, self._clock())
         self._waiting[priority].append(waiter)
         return Ticket(self, waiter=waiter, position=position)
+
+    def _admissible(self) -> bool:
+        """Whether the pool is ready; raises ``PoolClosed``, or ``PoolUnready`` when no
+        replica is ready and nothing starts one (a model on demand does: False)."""
+        if self.closed is not None:
+            self.rejected[PoolClosed.reason] += 1
+            raise self.closed
+        if self.is_ready():
+            return True
+        if self.on_demand is None:
+            self.rejected[PoolUnready.reason] += 1
+            raise PoolUnready(
+                "no replica of this pool is ready", retry_after_s=self.unready_retry_s
+            )
+        return False
 
     async def admit(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
         """``enqueue`` behind the seam a shared ledger needs (``[cluster] mode = "active"``

@@ -92,15 +92,8 @@ def nodes(
             port = free_port()
             config = node_config(tmp_path / node, node, port, urls, redis_server.url)
             running[node] = stack.enter_context(gateway_process(config, port))
-        assert wait_until(lambda: all(member(gw) for gw in running.values()), timeout=10)
+        assert wait_until(lambda: all(gw.serving() for gw in running.values()), timeout=10)
         yield running
-
-
-def member(gateway: GatewayProcess) -> bool:
-    try:
-        return httpx.get(gateway.url + "/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _body(delay_s: float) -> dict[str, Any]:
@@ -254,7 +247,7 @@ def test_redis_frozen_under_load_refuses_fast_and_never_overfills(
     time.sleep(10.0)
     redis_server.resume()
     thawed = time.monotonic()
-    assert wait_until(lambda: all(member(gw) for gw in nodes.values()), timeout=10)
+    assert wait_until(lambda: all(gw.serving() for gw in nodes.values()), timeout=10)
     rejoined = time.monotonic()
     time.sleep(2.0)
     stop.set()

@@ -78,15 +78,8 @@ def nodes(
         yield running
 
 
-def ready(gateway: GatewayProcess) -> bool:
-    try:
-        return httpx.get(gateway.url + "/ready", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def leaders(nodes: dict[str, GatewayProcess]) -> list[str]:
-    return [name for name, gw in nodes.items() if gw.process.poll() is None and ready(gw)]
+    return [name for name, gw in nodes.items() if gw.process.poll() is None and gw.serving()]
 
 
 def one_leader(nodes: dict[str, GatewayProcess], timeout: float = 10) -> str:

@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 from gateway.cluster.ledger import PoolLedger, replica_view
 from gateway.config import PoolConfig
+from gateway.pools import queue_settings
 from policies.admission import (
     AdmissionQueue,
     Lease,
     LedgerUnavailable,
-    PoolUnready,
     Priority,
     QueueFull,
     Ticket,
@@ -49,7 +49,7 @@ class ClusterLink(Protocol):
     def store_failed(self) -> None: ...
     def send(
         self, kind: str, queue: SharedAdmission, ticket: str = "", held_s: float | None = None
-    ) -> None: ...  # noqa: E501
+    ) -> None: ...
 
 
 class SharedLease(Lease):
@@ -89,17 +89,12 @@ class SharedAdmission(AdmissionQueue):
         link: ClusterLink,
         ledger: PoolLedger,
     ) -> None:
-        super().__init__(
-            replicas,
-            capacity=config.queue_capacity,
-            queue_timeout_s=config.queue_timeout_s,
-            unready_retry_s=max(1.0, min(config.health_interval_s, 5.0)),
-        )
+        super().__init__(replicas, **queue_settings(config))
         self.pool_id = config.id
         self.ledger = ledger
         self._link = link
         self._by_id = {r.replica_id: r for r in replicas}
-        self._running: set[SharedLease] = set()  # this node's leases not given back yet
+        self._running: dict[str, SharedLease] = {}  # by ticket: this node's leases held
         self.global_depth = 0  # the whole cluster's waiters for this pool, as last seen
         self.reaped = 0  # dead nodes' tickets this node reaped
 
@@ -108,14 +103,7 @@ class SharedAdmission(AdmissionQueue):
 
     # -- admission -------------------------------------------------------------------------
     async def admit(self, priority: Priority, *, avoid: Collection[str] = ()) -> Ticket:
-        if self.closed is not None:
-            self.rejected[self.closed.reason] += 1
-            raise self.closed
-        if not self.is_ready():
-            self.rejected[PoolUnready.reason] += 1
-            raise PoolUnready(
-                "no replica of this pool is ready", retry_after_s=self.unready_retry_s
-            )
+        self._admissible()  # a cluster has no models on demand: unready is refused
         ticket = self._link.ticket()
         if ticket is None:
             raise self._unavailable(
@@ -144,7 +132,6 @@ class SharedAdmission(AdmissionQueue):
         if len(answer) > 2 and answer[2]:
             self.rate.mean_service_s = float(answer[2])  # the cluster's, learnt by every node
         if kind == b"Q":
-            self.global_depth = max(self.global_depth, int(answer[1]))
             if not waiter.future.done():
                 if not self._link.expects(waiter.ticket):  # membership lost meanwhile
                     self._link.send("abandon", self, waiter.ticket)
@@ -182,26 +169,23 @@ class SharedAdmission(AdmissionQueue):
     def _shared_grant(self, replica: ReplicaState, ticket: str) -> Lease:
         replica.in_use += 1
         now = self.last_used = self._clock()
-        lease = SharedLease(self, replica, now, ticket)
-        self._running.add(lease)
+        lease = self._running[ticket] = SharedLease(self, replica, now, ticket)
         return lease
 
     def running(self) -> list[SharedLease]:
-        return list(self._running)
+        return list(self._running.values())
 
     def reticket(self, old: str, new: str) -> None:
-        for lease in self._running:
-            if lease.ticket == old:
-                lease.ticket = new
-                return
-        # it ended meanwhile and its release went out under the old ticket: free the new
-        self._link.send("abandon", self, new)
+        lease = self._running.pop(old, None)
+        if lease is None:  # it ended meanwhile, released under the old ticket: free the new
+            self._link.send("abandon", self, new)
+            return
+        lease.ticket = new
+        self._running[new] = lease
 
     def replica_of(self, ticket: str) -> str | None:
-        for lease in self._running:
-            if lease.ticket == ticket:
-                return lease.replica.replica_id
-        return None
+        lease = self._running.get(ticket)
+        return None if lease is None else lease.replica.replica_id
 
     # -- giving back -----------------------------------------------------------------------
     def _on_release(self, lease: Lease, *, observe: bool) -> None:
@@ -212,7 +196,7 @@ class SharedAdmission(AdmissionQueue):
             held_s = now - lease.started_at
             self.rate.observe(held_s)
         assert isinstance(lease, SharedLease)
-        self._running.discard(lease)
+        self._running.pop(lease.ticket, None)
         self._link.send("release", self, lease.ticket, held_s)
 
     def _abandon(self, waiter: _Waiter) -> None:

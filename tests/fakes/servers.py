@@ -187,6 +187,14 @@ class GatewayProcess:
         except httpx.HTTPError:
             return False
 
+    def serving(self) -> bool:
+        """``GET /ready`` is 200: a load balancer would send it traffic (in a cluster: the
+        leader, or in active mode every member)."""
+        try:
+            return httpx.get(self.url + "/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def log(self) -> str:
         return self.log_path.read_text()
 
