@@ -262,3 +262,36 @@ async def test_running_requests_are_written_back_when_redis_comes_back_empty(
         running.release()
         lease = await asyncio.wait_for(second.wait(), timeout=2)
         lease.release()
+
+
+async def test_a_cancel_its_node_never_confirms_is_a_retriable_503(
+    redis_server: RedisServer,
+) -> None:
+    """A task running on a live node that does not answer the cancel (stuck, partitioned
+    from its inbox): the asking node answers 503 with Retry-After after its wait, never a
+    500, and the task is left as it was."""
+    import redis.asyncio
+
+    from gateway.cluster.tasks import RedisTaskLog
+    from gateway.errors import StoreUnavailable
+
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    asked: list[tuple[str, str]] = []
+
+    async def ask_cancel(owner: str, task_id: str) -> None:
+        asked.append((owner, task_id))  # delivered nowhere: the owner never ends it
+
+    async with _node(redis_server, "asker") as node:
+        await client.set("og:node:owner", "owner|7", px=10_000)  # a live member runs it
+        running = {"owner": "owner|7", "terminal": "0", "view": '{"state": "running"}'}
+        await client.hset("og:task:t1", mapping=running)
+        log = RedisTaskLog(client, prefix="og", lease=node.lease, retention_s=60,
+                           op_timeout_s=0.3, ask_cancel=ask_cancel, cancel_wait_s=0.2)  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as refused:
+            await log.cancel("t1")
+        assert 0.2 <= time.monotonic() - started < 1.0
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+        assert asked == [("owner|7", "t1")]
+        assert await client.hget("og:task:t1", "terminal") == b"0"  # not ended behind its back
+    await client.aclose()

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from gateway.cluster.lease import LeaderLease
-from gateway.errors import NotLeader
+from gateway.errors import NotLeader, StoreUnavailable
 from gateway.tasks import Task, failover_error, sse
 
 log = logging.getLogger("orchgate.cluster")
@@ -75,7 +75,7 @@ return n
 """
 _RETRY_S = 0.05  # Redis slow or away: how soon a batch is tried again (while leading)
 _FOLLOW_BLOCK_MS = 200  # a reader of a task running on another node waits this long per read
-_CANCEL_WAIT_S = 5.0  # how long a cancel asked of another node waits for its task to end
+CANCEL_WAIT_S = 5.0  # how long a cancel asked of another node waits for its task to end
 
 
 AskCancel = Callable[[str, str], Awaitable[None]]  # (owner "node|epoch", task id)
@@ -91,8 +91,10 @@ class RedisTaskLog:
     def __init__(
         self, client: Any, *, prefix: str, lease: LeaderLease, retention_s: float,
         op_timeout_s: float, ask_cancel: AskCancel | None = None,
+        cancel_wait_s: float = CANCEL_WAIT_S,
     ) -> None:  # fmt: skip
         self._client = client
+        self._cancel_wait_s = cancel_wait_s
         self._ask_cancel = ask_cancel  # active mode: how a cancel reaches a task's node
         self._prefix = prefix
         self._lease = lease
@@ -175,16 +177,23 @@ class RedisTaskLog:
         if found is _Found.RUNNING and self._ask_cancel is not None:
             base = self._keys(task_id)[0]
             await self._ask_cancel((await self._client.hget(base, "owner")).decode(), task_id)
-            async with asyncio.timeout(_CANCEL_WAIT_S):
-                while await self._client.hget(base, "terminal") != b"1":
-                    await asyncio.sleep(0.01)
+            try:
+                async with asyncio.timeout(self._cancel_wait_s):
+                    while await self._client.hget(base, "terminal") != b"1":
+                        await asyncio.sleep(0.01)
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"the gateway running task {task_id!r} did not confirm the cancel within "
+                    f"{self._cancel_wait_s:g} s; ask again",
+                    headers={"Retry-After": "1"},
+                ) from None
             view = await self.view(task_id)
             return view is not None and view.get("state") == "cancelled"
         return False
 
     async def _follow(self, task_id: str, after: int) -> AsyncIterator[bytes]:
-        base, events = self._keys(task_id)[:2]
-        last = f"0-{after}"
+        events = self._keys(task_id)[1]
+        last = f"0-{after}".encode()
         while True:
             answer = await self._client.xread({events: last}, block=_FOLLOW_BLOCK_MS, count=512)
             if answer:
@@ -192,11 +201,11 @@ class RedisTaskLog:
                     last = entry_id
                     yield fields[b"f"]
                 continue
-            if await self._client.hget(base, "terminal") == b"1":
-                for _, fields in await self._client.xrange(events, min=b"(" + _bytes(last)):
+            # nothing new: still running there? (else ended, maybe by this node just now)
+            if await self._settle(task_id) is not _Found.RUNNING:
+                for _, fields in await self._client.xrange(events, min=b"(" + last):
                     yield fields[b"f"]
                 return
-            await self._settle(task_id)  # its node died meanwhile: ended here, read on
 
     async def _settle(self, task_id: str) -> _Found:
         """Whether the task is known, and where it stands; one whose owner stopped serving
@@ -225,10 +234,6 @@ class _Found(enum.Enum):
     UNKNOWN = "unknown"
     STORED = "stored"  # ended: its log is complete
     RUNNING = "running"  # on another live node (active mode)
-
-
-def _bytes(value: str | bytes) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
 
 
 async def _frames(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> AsyncIterator[bytes]:
